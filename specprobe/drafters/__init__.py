@@ -1,0 +1,37 @@
+"""Speculative methods, one drafter per file, behind the protocol of drafters/base.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import InvalidOptionError
+from .base import Acceptance, Drafter, Proposal, StepResult
+from .esp import ESPConfig, ESPDrafter
+
+# method name -> (drafter class, its config dataclass or None)
+METHODS: dict[str, tuple[type[Drafter], type | None]] = {
+    "ar": (Drafter, None),
+    "esp": (ESPDrafter, ESPConfig),
+}
+
+
+def make_drafter(method: str, **options) -> Drafter:
+    """Build the drafter of `method` from keyword options (unknown ones are an error)."""
+    if method not in METHODS:
+        raise InvalidOptionError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls, config_cls = METHODS[method]
+    options = {k: v for k, v in options.items() if v is not None}
+    if config_cls is None:
+        if options:
+            raise InvalidOptionError(f"method {method!r} takes no options, got {', '.join(options)}")
+        return cls()
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown option(s) for {method!r}: {', '.join(sorted(unknown))}; it takes {', '.join(sorted(known))}"
+        )
+    return cls(config_cls(**options))
+
+
+__all__ = ["Acceptance", "Drafter", "Proposal", "StepResult", "METHODS", "make_drafter"]

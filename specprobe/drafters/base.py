@@ -1,0 +1,62 @@
+"""The drafter protocol: what a speculative method must provide to the decoding loop.
+
+A drafter proposes, each step, a tree of candidate continuations of the committed text (and,
+optionally, auxiliary rows it wants the target to process in the same forward), then observes
+what the target accepted. It never changes which tokens are emitted: the verifier decides that.
+
+    start(session)            once, after the prompt is known
+    propose(session)          -> Proposal(tree, aux)
+    observe(session, step)    after the target's verdict (StepResult)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tree import AuxRows, DraftTree
+from ..verify import VerifyOutput
+
+
+@dataclass
+class Proposal:
+    tree: DraftTree = field(default_factory=DraftTree)
+    aux: AuxRows | None = None
+
+
+@dataclass
+class Acceptance:
+    """Greedy verdict on a tree: the accepted nodes and the tokens emitted.
+
+    tokens = the accepted tokens followed by the bonus token (the target's own next token after
+    the last accepted one), so len(tokens) == len(path) + 1.
+    """
+
+    path: list[int]  # accepted tree nodes, root excluded, in order
+    tokens: list[int]
+
+    @property
+    def bonus(self) -> int:
+        return self.tokens[-1]
+
+
+@dataclass
+class StepResult:
+    proposal: Proposal
+    output: VerifyOutput
+    acceptance: Acceptance
+    emitted: list[int]  # tokens actually committed this step (acceptance.tokens, cut at EOS / length)
+
+
+class Drafter:
+    """Base class; `ar` (plain decoding) is this class itself: it proposes nothing."""
+
+    name = "ar"
+
+    def start(self, session) -> None:  # noqa: D401 - protocol hook
+        pass
+
+    def propose(self, session) -> Proposal:
+        return Proposal()
+
+    def observe(self, session, step: StepResult) -> None:
+        pass

@@ -1,0 +1,196 @@
+"""ESP: embedding-space probing, training-free multi-token drafts (arXiv 2603.17942).
+
+The target is asked about the future through soft "mask" vectors placed in its own input
+embedding space. After a real token at position p, k mask rows sit at p+1 .. p+k; the logits of
+mask j predict the token at p+1+j, i.e. depth j below the NEXT step's root (the token that the
+real row at p predicts). No weights change and there is no draft model.
+
+Masks ride along in the verification forward as auxiliary rows: a chain of k masks follows the
+root and every tree node, so whichever node ends up last accepted, the drafts of the next step
+are already computed (no extra model call). No real token attends to a mask, so the target's
+output is unchanged.
+
+Drafting a tree (the paper's dynamic tree): depth d takes its candidates from mask d's top-K,
+skipping a candidate equal to its parent's token (untrained masks often re-predict the token of
+their own slot) in favour of the next best; the tree grows best-first by the product of the
+candidates' probabilities until it holds `budget` nodes.
+
+Mask vector (`mask_init`):
+  context-mean  mean of the embeddings of every committed token (prompt and generated), updated
+                as tokens are committed (the paper's initialisation)
+  ema           the prompt's mean, then m <- (1 - lambda) m + lambda e(token) per new token
+  vocab-mean    mean of the embeddings of the whole vocabulary (fixed)
+  token:ID      the embedding of one token (an id, or a token string)
+All masks of a chain share the vector; their positions differ (RoPE tells them apart).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidOptionError
+from ..tree import ROOT, AuxRows, DraftTree
+from .base import Drafter, Proposal, StepResult
+
+MASK_INITS = ("context-mean", "ema", "vocab-mean", "token:<id>")
+
+
+@dataclass
+class ESPConfig:
+    masks: int = 3  # k: mask rows after each node; drafts reach depth k
+    top_k: int = 4  # K: candidates per depth and children per node
+    budget: int = 8  # tree nodes per step
+    mask_init: str = "context-mean"
+    ema_lambda: float = 0.1
+
+    def __post_init__(self):
+        for name in ("masks", "top_k", "budget"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidOptionError(f"ESP option {name} must be >= 1, got {getattr(self, name)}")
+        if not (0.0 < self.ema_lambda <= 1.0):
+            raise InvalidOptionError(f"ESP option ema_lambda must be in (0, 1], got {self.ema_lambda}")
+        if self.mask_init not in MASK_INITS[:3] and not self.mask_init.startswith("token:"):
+            raise InvalidOptionError(f"unknown mask_init {self.mask_init!r}; choose from {', '.join(MASK_INITS)}")
+
+
+@dataclass
+class DepthCandidates:
+    tokens: list[int]  # sorted by probability, best first
+    probs: list[float]
+
+
+def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_k: int) -> DraftTree:
+    """Best-first tree over per-depth candidate lists.
+
+    A node's children are the first `top_k` candidates of the next depth that differ from the
+    node's own token; a child's score is its parent's score times its probability.
+
+    Example: root 7, depth 1 = [7 (0.5), 3 (0.3), 4 (0.1)], depth 2 = [3 (0.5), 9 (0.25)],
+    budget 3, top_k 2. Depth 1 skips 7 (equal to the root): children 3 (0.3) and 4 (0.1).
+    Best-first: 3 (0.3), then 4 (0.1), then 9 under 3 (0.3 * 0.25 = 0.075; 3 itself is skipped
+    under 3) beats 3 under 4 (0.1 * 0.5 = 0.05):
+
+    >>> d = [DepthCandidates([7, 3, 4], [0.5, 0.3, 0.1]), DepthCandidates([3, 9], [0.5, 0.25])]
+    >>> t = build_tree(7, d, budget=3, top_k=2)
+    >>> t.tokens, t.parents
+    ([3, 4, 9], [-1, -1, 0])
+    """
+    tree = DraftTree()
+    if not depths or budget <= 0:
+        return tree
+
+    def children_of(parent_token: int, depth: int) -> list[tuple[int, float]]:
+        c = depths[depth - 1]
+        return [(t, p) for t, p in zip(c.tokens, c.probs) if t != parent_token][:top_k]
+
+    # heap entries: (-score, order, parent node, depth, sibling list, rank in it, parent score)
+    order = 0
+    heap: list = []
+    first = children_of(root_token, 1)
+    if first:
+        heapq.heappush(heap, (-first[0][1], order, ROOT, 1, first, 0, 1.0))
+    while heap and len(tree) < budget:
+        neg, _, parent, depth, sibs, rank, pscore = heapq.heappop(heap)
+        token, _ = sibs[rank]
+        node = tree.add(token, parent)
+        if rank + 1 < len(sibs):  # the next sibling
+            order += 1
+            heapq.heappush(heap, (-pscore * sibs[rank + 1][1], order, parent, depth, sibs, rank + 1, pscore))
+        if depth < len(depths):  # the first child
+            kids = children_of(token, depth + 1)
+            if kids:
+                order += 1
+                heapq.heappush(heap, (neg * kids[0][1], order, node, depth + 1, kids, 0, -neg))
+    return tree
+
+
+_VOCAB_MEAN: dict[int, torch.Tensor] = {}
+
+
+def vocabulary_mean(target) -> torch.Tensor:
+    key = id(target.embedding)
+    if key not in _VOCAB_MEAN:
+        total = torch.zeros(target.embedding.weight.shape[1], dtype=torch.float64)
+        for start in range(0, target.vocab_size, 16384):
+            ids = list(range(start, min(start + 16384, target.vocab_size)))
+            total += target.embed(ids).double().sum(0).cpu()
+        _VOCAB_MEAN[key] = (total / target.vocab_size).float()
+    return _VOCAB_MEAN[key]
+
+
+class ESPDrafter(Drafter):
+    name = "esp"
+
+    def __init__(self, config: ESPConfig | None = None, **options):
+        self.config = config or ESPConfig(**options)
+
+    # -- mask vector -------------------------------------------------------------------------
+    def _fixed_mask(self, session) -> torch.Tensor | None:
+        init = self.config.mask_init
+        if init == "vocab-mean":
+            return vocabulary_mean(session.target)
+        if init.startswith("token:"):
+            spec = init.split(":", 1)[1]
+            tok = session.tokenizer if hasattr(session, "tokenizer") else None
+            if spec.lstrip("-").isdigit():
+                tid = int(spec)
+            elif tok is not None and spec in tok.get_vocab():
+                tid = tok.get_vocab()[spec]
+            else:
+                raise InvalidOptionError(f"mask_init {init!r}: not a token id or a token of this vocabulary")
+            if not 0 <= tid < session.target.vocab_size:
+                raise InvalidOptionError(f"mask_init {init!r}: token id out of range")
+            return session.target.embed([tid])[0].float()
+        return None
+
+    def start(self, session) -> None:
+        self.depths: list[DepthCandidates] = []
+        prompt = session.target.embed(session.ids).float()  # [prompt_len, hidden]
+        self.sum = prompt.sum(0)
+        self.count = prompt.shape[0]
+        fixed = self._fixed_mask(session)
+        self.mask = fixed if fixed is not None else self.sum / self.count
+
+    def _update_mask(self, session, tokens: list[int]) -> None:
+        init = self.config.mask_init
+        if init not in ("context-mean", "ema") or not tokens:
+            return
+        e = session.target.embed(tokens).float()  # [t, hidden]
+        if init == "context-mean":
+            self.sum += e.sum(0)
+            self.count += e.shape[0]
+            self.mask = self.sum / self.count
+        else:
+            lam = self.config.ema_lambda
+            for row in e:
+                self.mask = (1 - lam) * self.mask + lam * row
+
+    # -- protocol ----------------------------------------------------------------------------
+    def propose(self, session) -> Proposal:
+        cfg = self.config
+        tree = build_tree(session.pending[-1], self.depths, cfg.budget, cfg.top_k)
+        anchors, offsets, sees = [], [], []
+        for a in [ROOT, *range(len(tree))]:
+            base = len(anchors)
+            for j in range(cfg.masks):
+                anchors.append(a)
+                offsets.append(j + 1)
+                sees.append(tuple(range(base, base + j)))
+        embeds = self.mask.to(session.target.dtype).expand(len(anchors), -1)  # [m, hidden]
+        return Proposal(tree, AuxRows(embeds, anchors, offsets, sees))
+
+    def observe(self, session, step: StepResult) -> None:
+        self._update_mask(session, step.emitted)
+        aux = step.proposal.aux
+        if aux is None:  # the loop dropped the drafts (last token, or the end of the context)
+            self.depths = []
+            return
+        path = step.acceptance.path
+        last = path[-1] if path else ROOT
+        rows = [j for j, a in enumerate(aux.anchor) if a == last]
+        probs = torch.softmax(step.output.aux_logits[rows], dim=-1)  # [k, vocab]
+        top = torch.topk(probs, self.config.top_k + 1, dim=-1)
+        self.depths = [DepthCandidates(t, p) for t, p in zip(top.indices.tolist(), top.values.tolist())]

