@@ -20,3 +20,8 @@ class PromptTooLongError(SpecProbeError):
 
 class InvalidOptionError(SpecProbeError, ValueError):
     """An option has a bad value (unknown method, negative budget, ...)."""
+
+
+class BenchError(SpecProbeError):
+    """A benchmark input or output problem: unreadable questions, a malformed answer file, an
+    output folder that already holds answers."""

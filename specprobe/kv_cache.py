@@ -29,6 +29,7 @@ def cache_length(cache) -> int:
     return cache.get_seq_length()
 
 
+@torch.inference_mode()  # the cache's tensors are inference tensors
 def keep_rows(cache, prefix_len: int, rows: list[int]) -> None:
     """Keep positions [0, prefix_len) plus the new rows `rows` (indices counted from prefix_len,
     increasing), moved to be contiguous after the prefix; drop everything else.

@@ -6,12 +6,18 @@ import dataclasses
 
 from ..errors import InvalidOptionError
 from .base import Acceptance, Drafter, Proposal, StepResult
+from .draft_model import DraftModelConfig, DraftModelDrafter
 from .esp import ESPConfig, ESPDrafter
+from .lookahead import LookaheadConfig, LookaheadDrafter
+from .prompt_lookup import PLDConfig, PLDDrafter
 
 # method name -> (drafter class, its config dataclass or None)
 METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "ar": (Drafter, None),
     "esp": (ESPDrafter, ESPConfig),
+    "pld": (PLDDrafter, PLDConfig),
+    "lookahead": (LookaheadDrafter, LookaheadConfig),
+    "draft": (DraftModelDrafter, DraftModelConfig),
 }
 
 

@@ -1,0 +1,123 @@
+"""Draft-model speculation (Leviathan, Kalman, Matias 2023, arXiv 2211.17192; Chen et al. 2023,
+arXiv 2302.01318), greedy form.
+
+A smaller causal LM with the target's tokenizer (same vocabulary) drafts the next `num_tokens`
+tokens greedily, one forward each, from its own KV cache; the target checks them all in its one
+verification forward. The draft model runs through a `Target` of its own, so it uses exactly the
+engine's forward and mask code.
+
+Draft cache bookkeeping. The drafter keeps its own `pending` list: the committed tokens not yet
+in the draft cache (the prompt at first, then the bonus token and whatever the draft never fed).
+A step feeds the draft `pending` and then each drafted token but the last:
+
+    draft cache: [committed ... ][pending][t1 .. t(k-1)]      t_k is proposed but never fed
+
+After the verdict the cache is cut back (`kv_cache.keep_rows`) to the committed prefix plus the
+accepted drafted tokens that it holds rows for; the committed tokens after those become the new
+`pending`. So every committed token is processed by the draft exactly once, and always
+`cache_length(draft cache) + len(pending) == len(committed tokens)`.
+
+Tree (`tree_top_k` = K > 1): at every depth the K best draft tokens are proposed; the best one
+continues the chain, the K - 1 runners-up are leaves beside it (a token tree in its cheapest form:
+still one draft forward per depth). When the target rejects the chain token at some depth but
+agrees with a runner-up, that runner-up is accepted too: one token more per step.
+
+Early stop (`min_confidence`): drafting stops after a token whose draft probability is below the
+threshold (that token is still proposed; the forwards it would take to go deeper are saved).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidOptionError
+from ..kv_cache import cache_length, keep_rows, new_cache
+from ..models import LoadedModel
+from ..tree import ROOT, DraftTree
+from ..verify import Target
+from .base import Drafter, Proposal, StepResult
+
+
+@dataclass
+class DraftModelConfig:
+    draft_model: object = field(default=None, repr=False)  # a causal LM (or LoadedModel) with the target's vocabulary
+    num_tokens: int = 5  # draft depth: draft forwards (and chain tokens) per step
+    tree_top_k: int = 1  # tokens proposed per depth: 1 = a chain
+    min_confidence: float = 0.0  # stop drafting after a token whose draft probability is below this
+
+    def __post_init__(self):
+        if isinstance(self.draft_model, LoadedModel):
+            self.draft_model = self.draft_model.model
+        if self.draft_model is None:
+            raise InvalidOptionError("method 'draft' needs a draft model: pass draft_model=<a loaded causal LM>")
+        if not isinstance(self.draft_model, torch.nn.Module) or not hasattr(self.draft_model, "get_output_embeddings"):
+            raise InvalidOptionError(
+                f"draft_model must be a loaded causal LM (e.g. specprobe.load(name).model), got {type(self.draft_model).__name__}"
+            )
+        for name in ("num_tokens", "tree_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidOptionError(f"draft option {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.min_confidence, (int, float)) or not 0.0 <= self.min_confidence <= 1.0:
+            raise InvalidOptionError(f"draft option min_confidence must be in [0, 1], got {self.min_confidence!r}")
+
+
+@dataclass
+class _Fed:
+    """What the last `propose` fed the draft model, for `observe` to cut back."""
+
+    past: int  # draft cache length before the step
+    n_pending: int  # committed tokens fed first
+    chain: list[int]  # tree node of the chain token at each depth; chain[:-1] were fed
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft"
+
+    def __init__(self, config: DraftModelConfig | None = None, **options):
+        self.config = config or DraftModelConfig(**options)
+        self.draft = Target(self.config.draft_model)
+
+    def start(self, session) -> None:
+        if self.draft.vocab_size != session.target.vocab_size:
+            raise InvalidOptionError(
+                f"the draft model's vocabulary ({self.draft.vocab_size} tokens) differs from the target's "
+                f"({session.target.vocab_size}): draft and target must share one tokenizer"
+            )
+        self.cache = new_cache()
+        self.pending: list[int] = list(session.ids)  # committed, not yet in the draft cache
+        self.fed: _Fed | None = None
+
+    def propose(self, session) -> Proposal:
+        cfg = self.config
+        past = cache_length(self.cache)
+        # the draft is fed pending + (depth - 1) drafted tokens; they must fit its context
+        depth = min(cfg.num_tokens, self.draft.max_length - past - len(self.pending) + 1)
+        if depth < 1:
+            return Proposal()
+        tree, chain = DraftTree(), []
+        feed, parent = self.pending, ROOT
+        for d in range(depth):
+            logits = self.draft.forward(self.cache, feed, DraftTree()).logits[0]  # [vocab], after the last fed token
+            top = torch.topk(torch.softmax(logits, dim=-1), cfg.tree_top_k)  # best first
+            tokens = top.indices.tolist()
+            chain.append(tree.add(tokens[0], parent))
+            for runner_up in tokens[1:]:
+                tree.add(runner_up, parent)
+            if d == depth - 1 or top.values[0].item() < cfg.min_confidence:
+                break
+            feed, parent = tokens[:1], chain[-1]
+        self.fed = _Fed(past, len(self.pending), chain)
+        return Proposal(tree)
+
+    def observe(self, session, step: StepResult) -> None:
+        fed, self.fed = self.fed, None
+        if fed is not None:  # cut the draft cache back to what was committed
+            path = step.acceptance.path  # empty when the loop dropped the drafts (end of context)
+            accepted = 0  # leading accepted chain tokens with a row in the draft cache
+            while accepted < min(len(path), len(fed.chain) - 1, len(step.emitted)) and path[accepted] == fed.chain[accepted]:
+                accepted += 1
+            keep_rows(self.cache, fed.past, list(range(fed.n_pending + accepted)))
+        self.pending = session.ids[cache_length(self.cache) :]

@@ -1,0 +1,55 @@
+"""Shared fixtures: each built-in model is loaded once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import specprobe
+
+SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return specprobe.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    return specprobe.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def spec_bench_questions() -> list[dict]:
+    if not SPEC_BENCH.is_file():
+        pytest.fail(f"Spec-Bench questions not found at {SPEC_BENCH} (../shared beside the repository)")
+    return [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
+
+
+def varied_prompts(questions: list[dict], n: int) -> list[str]:
+    """n first-turn prompts spread over Spec-Bench's categories (round robin, file order)."""
+    by_cat: dict[str, list[str]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q["turns"][0])
+    out, i = [], 0
+    while len(out) < n:
+        for prompts in by_cat.values():
+            if i < len(prompts) and len(out) < n:
+                out.append(prompts[i])
+        i += 1
+    return out
+
+
+def hf_greedy(lm, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Reference: transformers' own greedy decoding."""
+    ids = torch.tensor([prompt_ids])
+    out = lm.model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.eos_token_id
+    )
+    return out[0, len(prompt_ids) :].tolist()

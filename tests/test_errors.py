@@ -1,0 +1,80 @@
+"""Every bad input gives one clear line (CLI, exit status 2) or a typed exception (API)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import specprobe
+from specprobe.decode import decode
+from specprobe.drafters import make_drafter
+from specprobe.verify import Target
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "specprobe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("specprobe: error:") or "error:" in lines[-1]
+    assert needle in proc.stderr
+
+
+def test_cli_unknown_model():
+    assert_one_line_error(run_cli("generate", "--model", "no-such-model-xyz", "hi"), "no-such-model-xyz")
+
+
+def test_cli_missing_gguf_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "missing.gguf"), "hi"), "no such GGUF file")
+
+
+def test_cli_not_a_model_directory(tmp_path):
+    assert_one_line_error(run_cli("generate", "--model", str(tmp_path), "hi"), "cannot load model")
+
+
+def test_cli_bad_option_fails_before_loading():
+    assert_one_line_error(run_cli("generate", "--budget", "0", "hi"), "budget")
+    assert_one_line_error(run_cli("generate", "--mask-init", "nonsense", "hi"), "mask_init")
+
+
+def test_cli_prompt_too_long():
+    long_prompt = "word " * 9000  # SmolLM2's context is 8192 tokens
+    assert_one_line_error(run_cli("generate", "--model", "smollm2-135m", long_prompt), "context")
+
+
+def test_api_errors(smollm2):
+    with pytest.raises(specprobe.ModelNotFoundError):
+        specprobe.load("/nonexistent/dir/model.gguf")
+    with pytest.raises(specprobe.InvalidOptionError):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, "hi", method="nope")
+    with pytest.raises(specprobe.InvalidOptionError):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, "hi", method="esp", bogus=1)
+    with pytest.raises(specprobe.InvalidOptionError):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, "hi", max_new_tokens=0)
+    with pytest.raises(specprobe.PromptTooLongError):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, list(range(10)) * 900, method="esp")
+    with pytest.raises(specprobe.InvalidOptionError):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, [{"role": "robot", "content": "x"}])
+    assert issubclass(specprobe.PromptTooLongError, specprobe.SpecProbeError)
+
+
+def test_generation_stops_at_the_context_limit(smollm2):
+    target = Target(smollm2.model)
+    target.max_length = 40  # pretend the context is tiny
+    prompt = smollm2.tokenizer("Count: one two three four five six seven eight nine ten").input_ids
+    ids, stats, stop = decode(target, prompt, make_drafter("esp"), 100, eos_ids=set())
+    assert stop == "context"
+    assert len(prompt) + len(ids) == 40
+    ref, _, _ = decode(Target(smollm2.model), prompt, make_drafter("ar"), len(ids), eos_ids=set())
+    assert ids == ref

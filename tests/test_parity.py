@@ -1,0 +1,57 @@
+"""Losslessness: every greedy path gives exactly the tokens of transformers' `generate`."""
+
+from __future__ import annotations
+
+import pytest
+
+import specprobe
+from specprobe.models import format_prompt
+
+from conftest import hf_greedy, varied_prompts
+
+N_PROMPTS = 20
+NEW_TOKENS = 64
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
+def test_esp_identical_to_hf_generate(model_name, request, spec_bench_questions):
+    lm = request.getfixturevalue(model_name)
+    mismatches, taus = [], []
+    for prompt in varied_prompts(spec_bench_questions, N_PROMPTS):
+        ids = format_prompt(lm.tokenizer, prompt)
+        ref = hf_greedy(lm, ids, NEW_TOKENS)
+        out = specprobe.generate(lm.model, lm.tokenizer, ids, method="esp", max_new_tokens=NEW_TOKENS)
+        taus.append(out.stats.tau)
+        assert out.stats.new_tokens == len(out.token_ids)
+        assert sum(out.stats.accept_lengths) == out.stats.new_tokens
+        assert len(out.stats.accept_lengths) == out.stats.target_forwards
+        if out.token_ids != ref:
+            i = next((i for i, (a, b) in enumerate(zip(ref, out.token_ids)) if a != b), min(len(ref), len(out.token_ids)))
+            mismatches.append(f"{prompt[:40]!r}: first difference at token {i}")
+    assert not mismatches, mismatches
+    assert sum(taus) / len(taus) > 1.0
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
+def test_ar_identical_to_hf_generate_and_tau_one(model_name, request, spec_bench_questions):
+    lm = request.getfixturevalue(model_name)
+    for prompt in varied_prompts(spec_bench_questions, 2):
+        ids = format_prompt(lm.tokenizer, prompt)
+        out = specprobe.generate(lm.model, lm.tokenizer, ids, method="ar", max_new_tokens=32)
+        assert out.token_ids == hf_greedy(lm, ids, 32)
+        assert out.stats.tau == 1.0
+
+
+@pytest.mark.parametrize("mask_init", ["ema", "vocab-mean", "token:0"])
+def test_esp_mask_inits_are_lossless(smollm2, mask_init):
+    ids = format_prompt(smollm2.tokenizer, "List the first ten prime numbers, separated by commas.")
+    ref = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="ar", max_new_tokens=32)
+    out = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="esp", max_new_tokens=32, mask_init=mask_init)
+    assert out.token_ids == ref.token_ids
+
+
+def test_generation_stops_at_eos(smollm2):
+    out = specprobe.generate(smollm2.model, smollm2.tokenizer, "Say just the word: yes", method="esp", max_new_tokens=64)
+    assert out.stop_reason == "eos"
+    assert out.token_ids[-1] == smollm2.tokenizer.eos_token_id
+    assert out.token_ids.count(smollm2.tokenizer.eos_token_id) == 1
