@@ -1,4 +1,4 @@
-"""The `specprobe` command line: generate (and, as they land, bench and friends).
+"""The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench).
 
 Errors a user can cause print one line on stderr and exit with status 2; no tracebacks.
 """
@@ -17,9 +17,18 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL
 METHOD_FLAGS = {
     "--masks": ("masks", int, "ESP: mask rows after each tree node (k; drafts reach depth k)"),
     "--top-k": ("top_k", int, "ESP: candidates per depth (K)"),
-    "--budget": ("budget", int, "ESP: tree nodes verified per step"),
+    "--budget": ("budget", int, "ESP, PLD: tree nodes verified per step"),
     "--mask-init": ("mask_init", str, "ESP: context-mean | ema | vocab-mean | token:ID"),
     "--ema-lambda": ("ema_lambda", float, "ESP: EMA rate for --mask-init ema"),
+    "--max-ngram": ("max_ngram", int, "PLD: longest suffix searched for"),
+    "--min-ngram": ("min_ngram", int, "PLD: shortest suffix searched for"),
+    "--num-pred-tokens": ("num_pred_tokens", int, "PLD: tokens copied after a match"),
+    "--max-candidates": ("max_candidates", int, "PLD: continuations merged into the tree"),
+    "--window": ("window", int, "lookahead: W, columns of the Jacobi window"),
+    "--ngram": ("ngram", int, "lookahead: N, n-gram length"),
+    "--guess": ("guess", int, "lookahead: G, n-grams verified per step"),
+    "--num-tokens": ("num_tokens", int, "draft: draft depth per step"),
+    "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
 }
 
 
@@ -82,8 +91,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise SpecProbeError("the prompt is empty")
     options = method_options(args, args.method)
-    make_drafter(args.method, **options)  # validate the options before the slow model load
+    if args.method == "draft":
+        if not args.draft_model:
+            raise SpecProbeError("--method draft needs --draft-model (a model name, or truncated:N)")
+    else:
+        make_drafter(args.method, **options)  # validate the options before the slow model load
     lm = load(args.model, dtype=args.dtype, device=args.device)
+    if args.method == "draft":
+        from .bench.command import load_draft
+
+        options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
     chat = False if args.raw else None
     if args.compare:  # warm up kernels and caches so neither timed run pays for it
         generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=4, chat=chat)
@@ -95,7 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stream.close()
     record = result.to_dict()
     record.pop("token_ids")
-    record.update(model=args.model, options=options)
+    record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"})
+    if args.method == "draft":
+        record["options"]["draft_model"] = args.draft_model
     if args.compare:
         ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat)
         record["ar_tokens_per_s"] = ar.stats.tokens_per_s
@@ -118,6 +137,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.command import run_command
+
+    return run_command(args)
+
+
+def add_bench_parser(sub) -> None:
+    from .bench.questions import DEFAULT_QUESTIONS
+
+    b = sub.add_parser("bench", help="run Spec-Bench: methods x questions -> answer files, summary, plots", description="Run methods over Spec-Bench questions (interleaved, after a warm-up); write answer files, summary.json, summary.md and plots to --out.")
+    add_model_args(b)
+    b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="question JSONL, a path or a URL (default: Spec-Bench's, downloaded once and cached)")
+    b.add_argument("--methods", help="comma-separated: specprobe methods and hf, hf-pld, hf-assisted (default: ar, hf and every method needing no draft model)")
+    b.add_argument("--categories", help="comma-separated categories to run (default: all)")
+    b.add_argument("--per-category", type=int, help="the first N questions of each category (default: all)")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    b.add_argument("--turns", type=int, default=1, help="1 (default) or 2: the second turn of MT-bench questions sees the first turn's answer")
+    b.add_argument("--draft-model", help="draft model for draft and hf-assisted: a model name, or truncated:N (the target's first N layers)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--resume", action="store_true", help="continue a run in --out, skipping the answers it holds")
+    b.add_argument("--summarize-only", action="store_true", help="only recompute the summary and plots of --out")
+    b.add_argument("--quiet", action="store_true", help="a line per question instead of the progress bar")
+    add_method_args(b)
+    b.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .drafters import METHODS
 
@@ -132,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--compare", action="store_true", help="also run ar on the same prompt; report speedup and identical_to_ar")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat/plain template")
+    g.add_argument("--draft-model", help="for --method draft: a model name, or truncated:N (the target's first N layers)")
     add_method_args(g)
     g.add_argument("prompt", help="the prompt ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,151 @@
+"""The summary of a benchmark folder, recomputed from its answer files (so a resumed run gets a full one).
+
+Per method and per category (and overall), a cell holds, as Spec-Bench defines them:
+
+    tau             total new tokens / total decoding steps (target forwards); null where unobserved
+    tokens_per_s    mean over answers of (new tokens / wall time), turns summed per answer
+    speedup         tokens_per_s of the method / tokens_per_s of `ar` in the same category
+    identical_to_ar fraction of answers whose token ids equal ar's for the same question
+    n               answers
+
+Only questions answered by every method count, so each ratio compares the same prompts.
+Writes summary.json, summary.md and the plots (see plots.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..errors import BenchError
+from .answers import SETTINGS_FILE, read_answers
+
+OVERALL = "overall"
+
+
+def tokens_per_s(record: dict) -> float:
+    c = record["choices"][0]
+    wall = sum(c["wall_time"])
+    return sum(c["new_tokens"]) / wall if wall > 0 else 0.0
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def cell(records: list[dict], ar: dict | None = None) -> dict:
+    """The cell of `records` (one method); `ar` maps question_id -> ar's record, for identical_to_ar."""
+    new = sum(sum(r["choices"][0]["new_tokens"]) for r in records)
+    steps = [s for r in records for s in r["choices"][0]["decoding_steps"]]
+    tau = new / sum(steps) if steps and None not in steps and sum(steps) > 0 else None
+    identical = None
+    if ar is not None:
+        identical = _mean([float(r["choices"][0]["token_ids"] == ar[r["question_id"]]["choices"][0]["token_ids"]) for r in records])
+    return {"tau": tau, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "n": len(records)}
+
+
+def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
+    """The summary of answer records (see the module docstring); `methods` fixes the row order."""
+    models = {r.get("model_id") for r in records} - {None}
+    if len(models) > 1:
+        raise BenchError(f"the answers mix models {', '.join(sorted(map(str, models)))}; summarize one model per folder")
+    by_method: dict[str, dict] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {}).setdefault(r["question_id"], r)  # a repeated answer: the first counts
+    order = [m for m in (methods or []) if m in by_method] + [m for m in by_method if m not in (methods or [])]
+    qids = [q for q in dict.fromkeys(r["question_id"] for r in records) if all(q in by_method[m] for m in order)]
+    category_of = {r["question_id"]: r["category"] for r in records}
+    categories = list(dict.fromkeys(category_of[q] for q in qids))
+    ar = by_method.get("ar")
+    cells: dict[str, dict] = {}
+    histogram: dict[str, dict[int, int]] = {}
+    for m in order:
+        recs = [by_method[m][q] for q in qids]
+        cells[m] = {OVERALL: cell(recs, ar)}
+        for c in categories:
+            cells[m][c] = cell([r for r in recs if r["category"] == c], ar)
+        lengths = [n for r in recs for turn in r["choices"][0]["accept_lengths"] if turn is not None for n in turn]
+        if lengths:
+            histogram[m] = dict(sorted(Counter(lengths).items()))
+    if ar is not None:
+        for m in order:
+            for key, c in cells[m].items():
+                base = cells["ar"][key]["tokens_per_s"]
+                c["speedup"] = c["tokens_per_s"] / base if base else None
+    return {
+        "model": (settings or {}).get("model") or next(iter(models), None),
+        "settings": settings or {},
+        "methods": cells,
+        "categories": categories,
+        "questions": len(qids),
+        "left_out_questions": len(category_of) - len(qids),
+        "accept_length_histogram": histogram,
+    }
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    return {"tau": f"{value:.2f}", "tps": f"{value:.1f}", "x": f"{value:.2f}x", "pct": f"{100 * value:.0f}%"}[kind]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def to_markdown(summary: dict) -> str:
+    cells, s = summary["methods"], summary["settings"]
+    methods = list(cells)
+    lines = [f"# Spec-Bench: {summary['model']}", ""]
+    lines.append(
+        f"{summary['questions']} questions in {len(summary['categories'])} categories; max_new_tokens {s.get('max_new_tokens')}, "
+        f"turns {s.get('turns')}, greedy; torch {s.get('torch')} ({s.get('torch_threads')} thread{'' if s.get('torch_threads') == 1 else 's'}), "
+        f"transformers {s.get('transformers')}."
+    )
+    options = {m: o for m, o in s.get("method_options", {}).items() if o and m in cells}
+    if options or s.get("draft_model"):
+        lines.append("Options: " + "; ".join([f"{m} {o}" for m, o in options.items()] + ([f"draft model {s['draft_model']}"] if s.get("draft_model") else [])) + ".")
+    lines += ["", "## Overall", ""]
+    rows = []
+    for m in methods:
+        c = cells[m][OVERALL]
+        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
+    lines += _table(["method", "tau", "tokens/s", "speedup", "identical to ar", "n"], rows)
+    for title, key, kind in (("Speedup over ar per category", "speedup", "x"), ("tau (new tokens per target forward) per category", "tau", "tau")):
+        rows = [[c] + [_fmt(cells[m][c][key], kind) for m in methods] for c in [*summary["categories"], OVERALL]]
+        lines += ["", f"## {title}", ""] + _table(["category", *methods], rows)
+    lines += ["", "## Notes", ""]
+    lines.append("- tau = new tokens / target forwards (plain decoding: 1.00); tokens/s = mean over answers of new tokens / wall time; speedup = mean tokens/s of the method / mean tokens/s of ar in the same category (Spec-Bench's definitions).")
+    if "ar" not in cells:
+        lines.append("- ar was not run: no speedup and no identical_to_ar.")
+    if "hf" in cells:
+        lines.append("- hf: transformers' `model.generate` (greedy), one forward per token, so tau is 1.00 by definition.")
+    unobserved = [m for m in methods if cells[m][OVERALL]["tau"] is None]
+    if unobserved:
+        lines.append(f"- {', '.join(unobserved)}: transformers does not report how many forwards its assisted decoding ran, so tau is not measured (–).")
+    if summary["left_out_questions"]:
+        lines.append(f"- {summary['left_out_questions']} question(s) without an answer from every method (an interrupted run) are left out.")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir) -> dict:
+    """(Re)compute the summary of `out_dir` from its answer files; write summary.json, summary.md and plots."""
+    from .plots import write_plots
+
+    out = Path(out_dir)
+    settings = {}
+    if (out / SETTINGS_FILE).is_file():
+        try:
+            settings = json.loads((out / SETTINGS_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BenchError(f"cannot read {out / SETTINGS_FILE}: {e}") from None
+    records = read_answers(out) if out.is_dir() else []
+    if not records:
+        raise BenchError(f"no answer files in {out}")
+    summary = summarize(records, settings.get("methods"), settings)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(to_markdown(summary))
+    write_plots(summary, out)
+    return summary

@@ -1,0 +1,218 @@
+"""The benchmark loop: every method on every question, interleaved, one answer line at a time.
+
+Methods are the names of `specprobe.drafters.METHODS` (run through `specprobe.generate`) and
+three reference rows run by transformers itself: `hf` (`model.generate`, greedy), `hf-pld`
+(its prompt lookup, 10 tokens) and `hf-assisted` (its assisted generation with the draft model).
+
+One short warm-up generation per method comes first (not recorded: first calls pay for kernel
+selection and allocations), then the methods run in turn on each question (A B C, A B C, ...), so
+a slow-down of the machine during the run hits every method alike.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..api import generate
+from ..drafters import METHODS
+from ..errors import BenchError, InvalidOptionError
+from ..models import format_prompt
+from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, read_answer_file
+from .progress import make_progress
+
+HF_METHODS = ("hf", "hf-pld", "hf-assisted")
+HF_PLD_TOKENS = 10
+WARMUP_TOKENS = 8
+# settings that must not change between a run and its --resume (answers would not compare)
+RESUME_KEYS = ("model", "max_new_tokens", "turns", "draft_model", "dtype", "device")
+
+
+def all_methods() -> list[str]:
+    return [*METHODS, *HF_METHODS]
+
+
+def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
+    """The methods, de-duplicated in order; unknown ones and missing draft models are errors."""
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    if not methods:
+        raise InvalidOptionError("no methods given")
+    unknown = [m for m in methods if m not in all_methods()]
+    if unknown:
+        raise InvalidOptionError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; choose from {', '.join(all_methods())}")
+    needs_draft = [m for m in methods if m in ("hf-assisted", "draft")]
+    if needs_draft and not has_draft_model:
+        raise InvalidOptionError(f"method {needs_draft[0]} needs a draft model: pass --draft-model NAME or --draft-model truncated:N")
+    return methods
+
+
+def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_model=None) -> TurnOutput:
+    """One turn decoded by transformers' own `generate` (greedy)."""
+    prompt_ids = format_prompt(lm.tokenizer, messages)
+    extra = {}
+    if method == "hf-pld":
+        extra["prompt_lookup_num_tokens"] = HF_PLD_TOKENS
+    elif method == "hf-assisted":
+        extra["assistant_model"] = draft_model
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids], device=lm.model.device)
+        t0 = time.perf_counter()
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, **extra)
+        wall = time.perf_counter() - t0
+    new = out[0, len(prompt_ids) :].tolist()
+    text = lm.tokenizer.decode(new, skip_special_tokens=True)
+    if method == "hf":  # one forward per token: tau is 1 by definition
+        return TurnOutput(text, new, len(new), wall, [1] * len(new))
+    return TurnOutput(text, new, None, wall, None)  # assisted forwards are not reported
+
+
+def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options: dict, draft_model=None) -> TurnOutput:
+    if method in HF_METHODS:
+        return hf_turn(lm, method, messages, max_new_tokens, draft_model)
+    r = generate(lm.model, lm.tokenizer, messages, method=method, max_new_tokens=max_new_tokens, **options)
+    s = r.stats
+    return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths))
+
+
+def run_question(lm, question: dict, method: str, turns: int, max_new_tokens: int, options: dict, draft_model=None) -> list[TurnOutput]:
+    """The conversation of one question: each later turn sees the earlier questions and answers."""
+    messages, outputs = [], []
+    for turn in question["turns"][:turns]:
+        messages.append({"role": "user", "content": turn})
+        out = run_turn(lm, method, messages, max_new_tokens, options, draft_model)
+        messages.append({"role": "assistant", "content": out.text})
+        outputs.append(out)
+    return outputs
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Without --resume, a folder that already holds answer files is an error (they would mix)."""
+    if not resume and Path(out).is_dir() and answer_files(Path(out)):
+        raise BenchError(f"{out} already holds answer files; pass --resume to continue that run, or choose a new --out")
+
+
+def _prepare_dir(out: Path, settings: dict, resume: bool) -> dict:
+    """Check that `out` may receive this run's answers; returns the settings to record."""
+    check_out_dir(out, resume)
+    old_path = out / SETTINGS_FILE
+    if not (resume and old_path.is_file()):
+        return settings
+    try:
+        old = json.loads(old_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchError(f"cannot read {old_path}: {e}") from None
+    for key in RESUME_KEYS:
+        if None not in (old.get(key), settings.get(key)) and old[key] != settings[key]:
+            raise BenchError(f"cannot resume {out}: {key} was {old[key]!r}, now {settings.get(key)!r}; use a new --out")
+    old_options = old.get("method_options", {})
+    for method, opts in settings["method_options"].items():
+        if method in old_options and old_options[method] != opts:
+            raise BenchError(f"cannot resume {out}: the options of {method} were {old_options[method]}, now {opts}; use a new --out")
+    merged = dict(settings)
+    merged["methods"] = list(dict.fromkeys([*old.get("methods", []), *settings["methods"]]))
+    merged["method_options"] = {**old_options, **settings["method_options"]}
+    return merged
+
+
+def _done_pairs(out: Path, model: str, methods: list[str]) -> set[tuple[str, object]]:
+    """(method, question_id) pairs already answered; other models' answers in `out` are an error."""
+    done = set()
+    for path in answer_files(out):
+        for r in read_answer_file(path):
+            if r.get("model_id", model) != model:
+                raise BenchError(f"{out} holds answers of model {r['model_id']!r} ({path.name}); use a new --out for {model!r}")
+            done.add((r["method"], r["question_id"]))
+    for method in methods:
+        cut_incomplete_tail(answer_path(out, model, method))
+    return done
+
+
+def run_bench(
+    lm,
+    questions: list[dict],
+    methods: list[str],
+    out_dir,
+    *,
+    max_new_tokens: int = 128,
+    turns: int = 1,
+    method_options: dict[str, dict] | None = None,
+    draft_model=None,
+    resume: bool = False,
+    progress: bool | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Run `methods` on `questions` with the loaded model `lm` (a `specprobe.models.LoadedModel`),
+    write the answer files, summary.json, summary.md and the plots into `out_dir`; returns the summary.
+
+    method_options: per method, the options passed to `specprobe.generate`.
+    draft_model: a LoadedModel (or bare model) for `draft` (as its draft_model option) and `hf-assisted`.
+    progress: True for the rich bar, False for a line per question, None to pick by stderr being a terminal.
+    settings: extra entries recorded in settings.json and the summary (question source, dtype, ...).
+    """
+    from .report import write_summary
+
+    if turns not in (1, 2):
+        raise InvalidOptionError(f"--turns must be 1 or 2, got {turns!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    draft = getattr(draft_model, "model", draft_model)
+    methods = check_methods(methods, draft is not None)
+    method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
+    run_options = {m: ({**o, "draft_model": draft} if m == "draft" else o) for m, o in method_options.items()}
+    out = Path(out_dir)
+    record_settings = {
+        "model": lm.name,
+        "methods": methods,
+        "max_new_tokens": max_new_tokens,
+        "turns": turns,
+        "method_options": {m: {k: _jsonable(v) for k, v in o.items()} for m, o in method_options.items()},
+        "draft_model": getattr(draft_model, "name", None if draft is None else type(draft).__name__),
+        "hf_pld_tokens": HF_PLD_TOKENS if "hf-pld" in methods else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
+        **(settings or {}),
+    }
+    record_settings = _prepare_dir(out, record_settings, resume)
+    done = _done_pairs(out, lm.name, methods) if resume and out.is_dir() else set()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(record_settings, indent=2) + "\n")
+
+    todo = [(q, [m for m in methods if (m, q["question_id"]) not in done]) for q in questions]
+    todo = [(q, ms) for q, ms in todo if ms]
+    if todo:
+        warm = todo[0][0]
+        for m in dict.fromkeys(m for _, ms in todo for m in ms):  # the methods with work left
+            run_turn(lm, m, [{"role": "user", "content": warm["turns"][0]}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft)
+        try:
+            with make_progress(len(todo), sum(len(ms) for _, ms in todo), progress) as bar:
+                for q, ms in todo:
+                    records = []
+                    for m in ms:
+                        bar.start(q, m)
+                        outputs = run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft)
+                        record = make_record(q, lm.name, m, outputs)
+                        append_record(answer_path(out, lm.name, m), record)
+                        records.append(record)
+                        bar.finished(q, m)
+                    bar.question_done(q, records)
+        except KeyboardInterrupt:
+            print(f"specprobe bench: stopped; the answers so far are in {out} (run again with --resume)", file=sys.stderr)
+            raise
+    return write_summary(out)
+
