@@ -42,12 +42,24 @@ def test_ar_identical_to_hf_generate_and_tau_one(model_name, request, spec_bench
         assert out.stats.tau == 1.0
 
 
-@pytest.mark.parametrize("mask_init", ["ema", "vocab-mean", "token:0"])
-def test_esp_mask_inits_are_lossless(smollm2, mask_init):
+# The paper's tree size (deeper, wider trees than the CPU default), every mask initialisation.
+PAPER_TREE = dict(masks=3, top_k=4, budget=8)
+
+
+@pytest.mark.parametrize("mask_init", ["context-mean", "ema", "vocab-mean", "token:0"])
+def test_esp_deep_trees_and_mask_inits_are_lossless(smollm2, mask_init):
     ids = format_prompt(smollm2.tokenizer, "List the first ten prime numbers, separated by commas.")
-    ref = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="ar", max_new_tokens=32)
-    out = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="esp", max_new_tokens=32, mask_init=mask_init)
-    assert out.token_ids == ref.token_ids
+    ref = hf_greedy(smollm2, ids, 32)
+    out = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="esp", max_new_tokens=32, mask_init=mask_init, **PAPER_TREE)
+    assert out.token_ids == ref
+    assert max(out.stats.draft_sizes) == PAPER_TREE["budget"]
+
+
+def test_esp_deep_trees_are_lossless_on_gemma3(gemma3, spec_bench_questions):
+    for prompt in varied_prompts(spec_bench_questions, N_PROMPTS + 2)[N_PROMPTS:]:  # two more prompts
+        ids = format_prompt(gemma3.tokenizer, prompt)
+        out = specprobe.generate(gemma3.model, gemma3.tokenizer, ids, method="esp", max_new_tokens=48, **PAPER_TREE)
+        assert out.token_ids == hf_greedy(gemma3, ids, 48)
 
 
 def test_generation_stops_at_eos(smollm2):
