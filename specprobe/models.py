@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .errors import InvalidOptionError, ModelNotFoundError
 
@@ -111,28 +112,45 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype):
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, use_cache: bool):
     converted = _converted_dir(gguf)
-    if use_cache and (converted / "COMPLETE").exists():
-        return _from_pretrained(str(converted), None, dtype)
+    if not use_cache:
+        model, tokenizer = _convert(gguf)
+        return model.to(dtype), tokenizer
+    try:
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(converted) + ".lock")  # processes loading at once (pytest -n 2) convert once
+    except OSError:  # a read-only cache folder only costs load time
+        model, tokenizer = _convert(gguf)
+        return model.to(dtype), tokenizer
+    with lock:
+        if not (converted / "COMPLETE").exists():
+            model, tokenizer = _convert(gguf)
+            _save_converted(model, tokenizer, gguf, converted)
+            return model.to(dtype), tokenizer
+    return _from_pretrained(str(converted), None, dtype)
+
+
+def _convert(gguf: Path):
     print(f"specprobe: converting {gguf.name} (one time, ~1 min)...", file=sys.stderr)
-    model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32)
-    if use_cache:
-        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-        try:
-            # The weights are plain float32 tensors now; transformers still tags the model as
-            # GGUF-quantised, which blocks save_pretrained. Save it as the dense model it is.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "COMPLETE").write_text(str(gguf))
-            if converted.exists():
-                shutil.rmtree(converted)
-            tmp.rename(converted)
-        except OSError as e:  # a read-only or full disk only costs the next load time
-            print(f"specprobe: could not cache the converted model ({e})", file=sys.stderr)
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model.to(dtype), tokenizer
+    return _from_pretrained(str(gguf.parent), gguf.name, torch.float32)
+
+
+def _save_converted(model, tokenizer, gguf: Path, converted: Path) -> None:
+    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+    try:
+        # The weights are plain float32 tensors now; transformers still tags the model as
+        # GGUF-quantised, which blocks save_pretrained. Save it as the dense model it is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(str(gguf))
+        if converted.exists():
+            shutil.rmtree(converted)
+        tmp.rename(converted)
+    except OSError as e:  # a read-only or full disk only costs the next load time
+        print(f"specprobe: could not cache the converted model ({e})", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu", use_cache: bool = True) -> LoadedModel:

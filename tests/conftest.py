@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import specprobe
 
 SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` (pyproject): one thread per worker process
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
