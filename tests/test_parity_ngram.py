@@ -1,4 +1,5 @@
-"""Losslessness of the n-gram drafters (pld, lookahead) on SmolLM2-135M: token-identical to `ar`.
+"""Losslessness of the n-gram drafters (pld, lookahead): token-identical to `ar` on SmolLM2-135M,
+to transformers' `generate` on Gemma3-270M.
 
 Each generation runs once per (method, prompt) and is shared by the tests (the machine is slow).
 """
@@ -10,6 +11,9 @@ from functools import lru_cache
 import pytest
 
 import specprobe
+from specprobe.models import format_prompt
+
+from conftest import hf_greedy
 
 NEW_TOKENS = 64
 REPEAT = "Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes, honeydew, kiwis, lemons."
@@ -43,3 +47,11 @@ def test_identical_to_ar(run, method, prompt):
 @pytest.mark.parametrize("method", ["pld", "lookahead"])
 def test_tau_above_one_when_the_output_repeats_the_prompt(run, method):
     assert run(method, REPEAT).stats.tau > 1.0
+
+
+@pytest.mark.parametrize("method", ["pld", "lookahead"])
+def test_identical_to_hf_generate_on_gemma3(gemma3, method):
+    """The other built-in model (sliding-window layers, 262k vocabulary), against transformers itself."""
+    ids = format_prompt(gemma3.tokenizer, PROMPTS[0])
+    out = specprobe.generate(gemma3.model, gemma3.tokenizer, ids, method=method, max_new_tokens=48)
+    assert out.token_ids == hf_greedy(gemma3, ids, 48)
