@@ -218,3 +218,19 @@ def test_truncated_gemma3_keeps_its_layer_types(gemma3):
 def test_truncated_bad_layer_count(smollm2, n_layers):
     with pytest.raises(InvalidOptionError):
         truncated_model(smollm2.model, n_layers)
+
+
+def test_cli_generate_with_a_truncated_draft_model():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "specprobe.cli", "generate", "--method", "draft", "--draft-model", "truncated:6",
+         "--num-tokens", "3", "--max-new-tokens", "12", "--json", "--compare", PROMPTS[2]],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["identical_to_ar"] is True
+    assert record["options"] == {"num_tokens": 3, "draft_model": "truncated:6"}

@@ -46,6 +46,8 @@ def test_cli_not_a_model_directory(tmp_path):
 def test_cli_bad_option_fails_before_loading():
     assert_one_line_error(run_cli("generate", "--budget", "0", "hi"), "budget")
     assert_one_line_error(run_cli("generate", "--mask-init", "nonsense", "hi"), "mask_init")
+    assert_one_line_error(run_cli("generate", "--method", "pld", "--max-ngram", "0", "hi"), "max_ngram")
+    assert_one_line_error(run_cli("generate", "--method", "draft", "hi"), "--draft-model")
 
 
 def test_cli_prompt_too_long():
