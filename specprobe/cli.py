@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         make_drafter(args.method, **options)  # validate the options before the slow model load
     lm = load(args.model, dtype=args.dtype, device=args.device)
     if args.method == "draft":
-        from .bench.command import load_draft
+        from .models import load_draft
 
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
     chat = False if args.raw else None

@@ -246,6 +246,17 @@ def format_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
     return tokenizer(plain_template(messages)).input_ids
 
 
+def load_draft(spec: str, target: LoadedModel, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """A draft model for `target`: a model name (loaded like `load`) or `truncated:N`, the
+    target's own first N layers (see `truncated_model`)."""
+    if spec.startswith("truncated:"):
+        n = spec.split(":", 1)[1]
+        if not n.isdigit():
+            raise InvalidOptionError(f"--draft-model truncated:N needs a layer count N, got {spec!r}")
+        return LoadedModel(spec, truncated_model(target.model, int(n)), target.tokenizer)
+    return load(spec, dtype=dtype, device=device)
+
+
 def truncated_model(model, n_layers: int):
     """A NEW causal LM made of the first `n_layers` decoder layers of `model`, then its final norm
     and LM head: a layer-skip ("self-speculative") draft model with the target's own tokenizer.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..drafters import METHODS, make_drafter
 from ..errors import InvalidOptionError
-from ..models import LoadedModel, load
+from ..models import load, load_draft
 from .questions import load_questions
 from .report import write_summary
 from .runner import check_methods, check_out_dir, run_bench
@@ -24,18 +24,6 @@ def default_methods() -> list[str]:
 
 def split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
-
-
-def load_draft(spec: str, target: LoadedModel, dtype: str, device: str) -> LoadedModel:
-    """`--draft-model`: a model name (loaded like --model) or `truncated:N`, the target's first N layers."""
-    if spec.startswith("truncated:"):
-        from ..models import truncated_model
-
-        n = spec.split(":", 1)[1]
-        if not n.isdigit():
-            raise InvalidOptionError(f"--draft-model truncated:N needs a layer count N, got {spec!r}")
-        return LoadedModel(spec, truncated_model(target.model, int(n)), target.tokenizer)
-    return load(spec, dtype=dtype, device=device)
 
 
 def run_command(args: argparse.Namespace) -> int:
