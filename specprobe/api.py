@@ -43,7 +43,7 @@ def generate(
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     drafter = make_drafter(method, **options)
     prompt_ids = format_prompt(tokenizer, prompt, chat)
-    target = Target(model)
+    target = Target.of(model)
     ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return GenerationResult(text, ids, prompt_ids, stats, stop, method)

@@ -1,4 +1,4 @@
-"""The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench).
+"""The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench), profile (the cost curve).
 
 Errors a user can cause print one line on stderr and exit with status 2; no tracebacks.
 """
@@ -15,17 +15,18 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
 # CLI flag -> (drafter option name, type, help). Flags a method does not take are ignored for it.
 METHOD_FLAGS = {
-    "--masks": ("masks", int, "ESP: mask rows after each tree node (k; drafts reach depth k)"),
-    "--top-k": ("top_k", int, "ESP: candidates per depth (K)"),
-    "--budget": ("budget", int, "ESP, PLD: tree nodes verified per step"),
-    "--mask-init": ("mask_init", str, "ESP: context-mean | ema | vocab-mean | token:ID"),
+    "--masks": ("masks", int, "ESP, hybrid: mask rows after each tree node (k; drafts reach depth k)"),
+    "--top-k": ("top_k", int, "ESP, hybrid: candidates per depth (K)"),
+    "--budget": ("budget", str, "ESP, PLD, hybrid: tree nodes verified per step, or auto (ESP, hybrid: the size that maximises tokens/s on this machine)"),
+    "--mask-init": ("mask_init", str, "ESP, hybrid: context-mean | ema | vocab-mean | token:ID"),
     "--ema-lambda": ("ema_lambda", float, "ESP: EMA rate for --mask-init ema"),
-    "--max-ngram": ("max_ngram", int, "PLD: longest suffix searched for"),
+    "--max-budget": ("max_budget", int, "ESP, hybrid: the largest tree --budget auto considers"),
+    "--max-ngram": ("max_ngram", int, "PLD, hybrid: longest suffix searched for"),
     "--min-ngram": ("min_ngram", int, "PLD: shortest suffix searched for"),
-    "--num-pred-tokens": ("num_pred_tokens", int, "PLD: tokens copied after a match"),
-    "--max-candidates": ("max_candidates", int, "PLD: continuations merged into the tree"),
+    "--num-pred-tokens": ("num_pred_tokens", int, "PLD, hybrid: tokens copied after a match"),
+    "--max-candidates": ("max_candidates", int, "PLD, hybrid: continuations merged into the tree"),
     "--window": ("window", int, "lookahead: W, columns of the Jacobi window"),
-    "--ngram": ("ngram", int, "lookahead: N, n-gram length"),
+    "--ngram": ("ngram", int, "lookahead, hybrid: N, n-gram length"),
     "--guess": ("guess", int, "lookahead: G, n-grams verified per step"),
     "--num-tokens": ("num_tokens", int, "draft: draft depth per step"),
     "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
+    from .profile_command import add_parser as add_profile_parser
+
+    add_profile_parser(sub, add_model_args)
     return parser
 
 

@@ -73,6 +73,10 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
+    def prefix(self, n: int) -> "DraftTree":
+        """The first n nodes (a tree: parents come first)."""
+        return DraftTree(self.tokens[:n], self.parents[:n])
+
     @staticmethod
     def chain(tokens: list[int]) -> "DraftTree":
         return DraftTree(list(tokens), list(range(-1, len(tokens) - 1)))

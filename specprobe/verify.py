@@ -9,12 +9,18 @@ type (Gemma 3 interleaves sliding-window and full layers) the mask is passed as 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidOptionError
+from .kernels import LMHead, planned_decoder
 from .kv_cache import cache_length
 from .tree import AuxRows, DraftTree, Layout, attention_masks
+
+
+KERNEL_MODES = ("planned", "linear")
 
 
 @dataclass
@@ -28,7 +34,20 @@ class VerifyOutput:
 class Target:
     """The target model as the engine sees it: embedding, context length, masks, one forward."""
 
-    def __init__(self, model):
+    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model) -> "Target":
+        """The Target of `model`, built once (kernel plans and the planned decoder are reused)."""
+        if model not in cls._cache:
+            cls._cache[model] = cls(model)
+        return cls._cache[model]
+
+    def __init__(self, model, kernels: str = "planned"):
+        """kernels: "planned" (each matrix product runs the kernel measured fastest for its number
+        of rows on this machine, see kernels.py) or "linear" (transformers' own F.linear)."""
+        if kernels not in KERNEL_MODES:
+            raise InvalidOptionError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
         self.model = model
         self.embedding = model.get_input_embeddings()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -36,6 +55,13 @@ class Target:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
         self.device = model.device
+        head, softcap = model.get_output_embeddings().weight, getattr(cfg, "final_logit_softcapping", None)
+        if kernels == "planned":
+            self.decoder = planned_decoder(model.get_decoder())  # the model without its LM head
+            self.head = LMHead.tuned(head, softcap)
+        else:
+            self.decoder = model.get_decoder()
+            self.head = LMHead(head, softcap)
         self.dtype = self.embedding.weight.dtype
         layer_types = getattr(cfg, "layer_types", None) or []
         window = getattr(cfg, "sliding_window", None)
@@ -53,6 +79,25 @@ class Target:
         return self.embedding(torch.tensor([token_ids], device=self.device))[0]
 
     @torch.inference_mode()
+    def inputs(self, past: int, pending: list[int], tree: DraftTree, aux: AuxRows | None = None):
+        """(layout, input embeddings [1, q, hidden], attention mask, position ids [1, q]) of one forward."""
+        layout = Layout.of(len(pending), tree, aux)
+        embeds = self.embedding(torch.tensor([pending + tree.tokens], device=self.device))  # [1, L+n, h]
+        if aux is not None and len(aux):
+            embeds = torch.cat([embeds, aux.embeds.to(embeds.dtype)[None]], dim=1)
+        if layout.is_chain:
+            # Plain causal rows: the model's own mask is exactly right (and is what `generate` uses).
+            return layout, embeds, None, torch.arange(past, past + layout.n_rows, device=self.device)[None]
+        full, sliding, positions = attention_masks(layout, past, embeds.dtype, self.device, self.sliding_window)
+        if self.mask_mode == "per-layer-type":
+            mask = {"full_attention": full, "sliding_attention": sliding}
+        elif self.mask_mode == "all-sliding":
+            mask = sliding
+        else:
+            mask = full
+        return layout, embeds, mask, positions
+
+    @torch.inference_mode()
     def forward(
         self,
         cache,
@@ -62,35 +107,24 @@ class Target:
         output_hidden_states: bool = False,
     ) -> VerifyOutput:
         """Run the target once over [pending][tree][aux]; the cache grows by all those rows."""
-        layout = Layout.of(len(pending), tree, aux)
-        past = cache_length(cache)
-        embeds = self.embedding(torch.tensor([pending + tree.tokens], device=self.device))  # [1, L+n, h]
-        if aux is not None and len(aux):
-            embeds = torch.cat([embeds, aux.embeds.to(embeds.dtype)[None]], dim=1)
+        layout, embeds, mask, positions = self.inputs(cache_length(cache), pending, tree, aux)
         q = layout.n_rows
-        if layout.is_chain:
-            # Plain causal rows: the model's own mask is exactly right (and is what `generate` uses).
-            mask = None
-            positions = torch.arange(past, past + q, device=self.device)[None]
-        else:
-            full, sliding, positions = attention_masks(layout, past, embeds.dtype, self.device, self.sliding_window)
-            if self.mask_mode == "per-layer-type":
-                mask = {"full_attention": full, "sliding_attention": sliding}
-            elif self.mask_mode == "all-sliding":
-                mask = sliding
-            else:
-                mask = full
-        n_logit_rows = q - (layout.n_pending - 1)  # the root, the tree nodes, the auxiliary rows
-        out = self.model(
+        out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=n_logit_rows,
             output_hidden_states=output_hidden_states,
         )
-        logits = out.logits[0].float()  # [1 + n + m, vocab]
+        hidden = out.last_hidden_state[0]  # [q, hidden]; the pending rows before the root need no logits
         n_real = 1 + len(tree)
-        aux_logits = logits[n_real:] if aux is not None and len(aux) else None
-        return VerifyOutput(logits[:n_real], aux_logits, out.hidden_states if output_hidden_states else None, layout)
+        root = layout.n_pending - 1
+        n_aux = q - root - n_real
+        if n_aux and self.head.reduced_weight is not None:
+            logits = self.head(hidden[root : root + n_real])  # [1 + n, vocab]: the exact full head
+            aux_logits = self.head.reduced(hidden[root + n_real :])  # [m, vocab]: draft-only rows
+        else:  # one product over every row that needs logits
+            logits = self.head(hidden[root:])
+            logits, aux_logits = logits[:n_real], (logits[n_real:] if n_aux else None)
+        return VerifyOutput(logits, aux_logits, out.hidden_states if output_hidden_states else None, layout)

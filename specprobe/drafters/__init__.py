@@ -8,6 +8,7 @@ from ..errors import InvalidOptionError
 from .base import Acceptance, Drafter, Proposal, StepResult
 from .draft_model import DraftModelConfig, DraftModelDrafter
 from .esp import ESPConfig, ESPDrafter
+from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
 from .prompt_lookup import PLDConfig, PLDDrafter
 
@@ -18,6 +19,7 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "pld": (PLDDrafter, PLDConfig),
     "lookahead": (LookaheadDrafter, LookaheadConfig),
     "draft": (DraftModelDrafter, DraftModelConfig),
+    "hybrid": (HybridDrafter, HybridConfig),
 }
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import AutoBudget, parse_budget
 from ..errors import InvalidOptionError
 from ..tree import ROOT, AuxRows, DraftTree
 from .base import Drafter, Proposal, StepResult
@@ -48,12 +49,14 @@ class ESPConfig:
 
     masks: int = 1  # k: mask rows after each node; drafts reach depth k
     top_k: int = 2  # K: candidates per depth and children per node
-    budget: int = 2  # tree nodes per step
+    budget: int | str = "auto"  # tree nodes per step; auto: the size that maximises tokens/s (budget.py)
+    max_budget: int = 16  # the largest tree auto considers
     mask_init: str = "vocab-mean"
     ema_lambda: float = 0.1
 
     def __post_init__(self):
-        for name in ("masks", "top_k", "budget"):
+        self.budget = parse_budget(self.budget)
+        for name in ("masks", "top_k", "max_budget"):
             if int(getattr(self, name)) < 1:
                 raise InvalidOptionError(f"ESP option {name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 < self.ema_lambda <= 1.0):
@@ -69,7 +72,13 @@ class DepthCandidates:
 
 
 def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_k: int) -> DraftTree:
-    """Best-first tree over per-depth candidate lists.
+    """Best-first tree over per-depth candidate lists (see `ranked_tree`)."""
+    return ranked_tree(root_token, depths, budget, top_k)[0]
+
+
+def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_k: int) -> tuple[DraftTree, list[float]]:
+    """Best-first tree over per-depth candidate lists, and each node's score, in node order
+    (which is best-first order: the first n nodes of the tree are the best tree of n nodes).
 
     A node's children are the first `top_k` candidates of the next depth that differ from the
     node's own token; a child's score is its parent's score times its probability.
@@ -84,9 +93,9 @@ def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_
     >>> t.tokens, t.parents
     ([3, 4, 9], [-1, -1, 0])
     """
-    tree = DraftTree()
+    tree, scores = DraftTree(), []
     if not depths or budget <= 0:
-        return tree
+        return tree, scores
 
     def children_of(parent_token: int, depth: int) -> list[tuple[int, float]]:
         c = depths[depth - 1]
@@ -102,6 +111,7 @@ def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_
         neg, _, parent, depth, sibs, rank, pscore = heapq.heappop(heap)
         token, _ = sibs[rank]
         node = tree.add(token, parent)
+        scores.append(-neg)
         if rank + 1 < len(sibs):  # the next sibling
             order += 1
             heapq.heappush(heap, (-pscore * sibs[rank + 1][1], order, parent, depth, sibs, rank + 1, pscore))
@@ -110,7 +120,7 @@ def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_
             if kids:
                 order += 1
                 heapq.heappush(heap, (neg * kids[0][1], order, node, depth + 1, kids, 0, -neg))
-    return tree
+    return tree, scores
 
 
 _VOCAB_MEAN: dict[int, torch.Tensor] = {}
@@ -154,6 +164,8 @@ class ESPDrafter(Drafter):
 
     def start(self, session) -> None:
         self.depths: list[DepthCandidates] = []
+        if self.config.budget == "auto":
+            self.auto = AutoBudget(session.target)
         prompt = session.target.embed(session.ids).float()  # [prompt_len, hidden]
         self.sum = prompt.sum(0)
         self.count = prompt.shape[0]
@@ -177,19 +189,34 @@ class ESPDrafter(Drafter):
     # -- protocol ----------------------------------------------------------------------------
     def propose(self, session) -> Proposal:
         cfg = self.config
-        tree = build_tree(session.pending[-1], self.depths, cfg.budget, cfg.top_k)
+        root = session.pending[-1]
+        if cfg.budget == "auto":
+            tree, scores = ranked_tree(root, self.depths, cfg.max_budget, cfg.top_k)
+            n = self.auto.size(scores, tree.depths(), rows=lambda n: 1 + n + cfg.masks * (n + 1))
+            tree, self.scores = tree.prefix(n), scores[:n]
+        else:
+            tree = build_tree(root, self.depths, cfg.budget, cfg.top_k)
+        return Proposal(tree, self.mask_rows(session, tree))
+
+    def mask_rows(self, session, tree: DraftTree) -> AuxRows:
+        """A chain of k mask rows after the root and after every node of `tree`."""
         anchors, offsets, sees = [], [], []
         for a in [ROOT, *range(len(tree))]:
             base = len(anchors)
-            for j in range(cfg.masks):
+            for j in range(self.config.masks):
                 anchors.append(a)
                 offsets.append(j + 1)
                 sees.append(tuple(range(base, base + j)))
         embeds = self.mask.to(session.target.dtype).expand(len(anchors), -1)  # [m, hidden]
-        return Proposal(tree, AuxRows(embeds, anchors, offsets, sees))
+        return AuxRows(embeds, anchors, offsets, sees)
 
     def observe(self, session, step: StepResult) -> None:
         self._update_mask(session, step.emitted)
+        tree = step.proposal.tree
+        if self.config.budget == "auto" and len(tree):
+            scores = self.scores
+            conditional = [s / (scores[p] if p >= 0 else 1.0) for s, p in zip(scores, tree.parents)]
+            self.auto.observe(conditional, tree.parents, step.acceptance.path)
         aux = step.proposal.aux
         if aux is None:  # the loop dropped the drafts (last token, or the end of the context)
             self.depths = []

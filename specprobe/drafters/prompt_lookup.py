@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..budget import parse_budget
 from ..errors import InvalidOptionError
 from ..tree import ROOT, DraftTree
 from .base import Drafter, Proposal
@@ -32,6 +33,9 @@ class PLDConfig:
     budget: int = 32  # tree nodes per step
 
     def __post_init__(self):
+        self.budget = parse_budget(self.budget)
+        if self.budget == "auto":
+            raise InvalidOptionError("PLD takes a fixed --budget (an integer); --method hybrid sizes PLD's drafts automatically")
         for name in ("max_ngram", "min_ngram", "num_pred_tokens", "max_candidates", "budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -1,0 +1,127 @@
+"""The hardware-aware tree budget (`--budget auto`): the tree size that maximises tokens per second.
+
+A drafter ranks its candidate nodes best first, each with an estimate of the probability that the
+target accepts it (the product of its path's conditional acceptance estimates, so a node never
+scores above its parent and the first n nodes always form a tree). A tree of the first n nodes
+then emits on average 1 + s_1 + ... + s_n tokens per forward, and that forward costs T(q(n)),
+where q(n) counts every row the forward runs (pending token, n nodes, the drafter's auxiliary
+rows) and T is the target's measured cost curve on this machine (`profile.cost_curve`). The
+budget is the n that maximises (1 + s_1 + ... + s_n) / T(q(n)), chosen again at every step.
+
+Drafters' raw scores are not calibrated (ESP's untrained masks are over-confident on SmolLM2,
+under-confident on Gemma3): `Calibration` rescales them by the ratio of accepted to predicted
+nodes seen so far in this generation.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class CostCurve:
+    """T(q) from measured points, linearly interpolated (and extrapolated past the last point)."""
+
+    qs: list[int]
+    seconds: list[float]
+
+    @classmethod
+    def from_dict(cls, times: dict[int, float]) -> "CostCurve":
+        qs = sorted(times)
+        return cls(qs, [times[q] for q in qs])
+
+    def __call__(self, q: int) -> float:
+        qs, ts = self.qs, self.seconds
+        if q <= qs[0]:
+            return ts[0]
+        i = bisect.bisect_left(qs, q)
+        if i == len(qs):  # beyond the last point: continue the last segment's slope
+            i = len(qs) - 1
+        q0, q1, t0, t1 = qs[i - 1], qs[i], ts[i - 1], ts[i]
+        return t0 + (t1 - t0) * (q - q0) / (q1 - q0)
+
+
+def best_size(scores: list[float], rows: Callable[[int], int], cost: Callable[[int], float]) -> int:
+    """The n in 0..len(scores) maximising (1 + sum(scores[:n])) / cost(rows(n)).
+
+    Example: a flat cost up to 4 rows, then doubling; with one pending row and no auxiliary rows:
+    >>> cost = CostCurve([1, 4, 8], [1.0, 1.0, 2.0])
+    >>> best_size([0.9, 0.5, 0.3, 0.2, 0.1], rows=lambda n: 1 + n, cost=cost)
+    3
+    """
+    best_n, best_rate, expected = 0, 1.0 / cost(rows(0)), 1.0
+    for n, s in enumerate(scores, start=1):
+        expected += s
+        rate = expected / cost(rows(n))
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n
+
+
+class Calibration:
+    """accepted / predicted over the nodes the target has tested, starting from `prior`."""
+
+    def __init__(self, prior: float = 1.0, weight: float = 4.0):
+        self.accepted = prior * weight
+        self.predicted = weight
+
+    @property
+    def factor(self) -> float:
+        return self.accepted / self.predicted
+
+    def update(self, predicted: float, accepted: int) -> None:
+        self.predicted += predicted
+        self.accepted += accepted
+
+
+def nodes_tested(parents: list[int], path: list[int]) -> list[int]:
+    """Nodes whose parent (or the root) was accepted: the ones the verdict says something about.
+
+    >>> nodes_tested([-1, 0, 0, -1, 1], path=[0, 1])
+    [0, 1, 2, 3, 4]
+    >>> nodes_tested([-1, 0, 1], path=[])
+    [0]
+    """
+    ok = {-1, *path}
+    return [i for i, p in enumerate(parents) if p in ok]
+
+
+def parse_budget(value) -> int | str:
+    """'auto' or a positive integer (as given to --budget or a drafter config)."""
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or (isinstance(value, float) and value != n):
+        from .errors import InvalidOptionError
+
+        raise InvalidOptionError(f"budget must be 'auto' or an integer >= 1, got {value!r}")
+    return n
+
+
+class AutoBudget:
+    """Per generation: the target's cost curve and the drafter's calibration; picks tree sizes."""
+
+    def __init__(self, target, prior: float = 1.0):
+        from .profile import target_cost_curve
+
+        self.cost = CostCurve.from_dict(target_cost_curve(target))
+        self.calibration = Calibration(prior)
+
+    def calibrated(self, scores: list[float], depths: list[int]) -> list[float]:
+        """Scores (path probabilities) times factor^depth: each conditional probability rescaled."""
+        c = self.calibration.factor
+        return [min(1.0, s * c**d) for s, d in zip(scores, depths)]
+
+    def size(self, scores: list[float], depths: list[int], rows: Callable[[int], int]) -> int:
+        return best_size(self.calibrated(scores, depths), rows, self.cost)
+
+    def observe(self, conditional: list[float], parents: list[int], path: list[int]) -> None:
+        """conditional[i]: node i's probability given its parent (the drafter's raw estimate)."""
+        tested = nodes_tested(parents, path)
+        on_path = set(path)
+        self.calibration.update(sum(conditional[i] for i in tested), sum(1 for i in tested if i in on_path))

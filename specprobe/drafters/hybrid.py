@@ -1,0 +1,211 @@
+"""Hybrid: ESP, prompt lookup and an n-gram pool merged into one scored trie, verified in one forward.
+
+ESP (embedding-space probing) guesses well where the text is new and poorly where it repeats;
+prompt lookup is the opposite (ESP's paper names retrieval-heavy tasks as its weak spot). Each
+step this drafter gathers the candidates of three sources,
+
+    esp    the best-first tree of ESP's mask predictions (ranked_tree in esp.py)
+    pld    continuations of earlier occurrences of the text's last tokens (find_continuations)
+    pool   n-grams of the committed text that followed the root token before (NGramPool, the
+           pool of lookahead decoding, here fed by the committed text only: no Jacobi rows)
+
+and scores every node with an estimate of the probability that the target accepts its whole path:
+the product, along the path, of the node's conditional acceptance estimate, which is for ESP its
+mask probability times ESP's calibration factor, and for pld and pool the acceptance rate measured
+so far in this generation for that source at that depth (nodes tested = parent accepted). The
+sources' trees are merged into one trie (`merge_scored`): a node proposed by several sources keeps
+its best score. The first n nodes by score form the tree, n chosen by the hardware-aware budget
+(budget.py) from the target's cost curve, or fixed with `budget=N`. ESP's mask rows follow the
+root and every node, so next step's ESP candidates are computed in this forward whichever node
+ends up accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..budget import AutoBudget, best_size, nodes_tested, parse_budget
+from ..errors import InvalidOptionError
+from ..tree import ROOT, DraftTree
+from .base import Drafter, Proposal, StepResult
+from .esp import ESPConfig, ESPDrafter, ranked_tree
+from .lookahead import NGramPool
+from .prompt_lookup import find_continuations
+
+SOURCES = ("esp", "pld", "pool")
+PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any evidence
+PRIOR_WEIGHT = 2.0
+
+
+@dataclass
+class HybridConfig:
+    masks: int = 1  # ESP: mask rows after each node
+    top_k: int = 2  # ESP: candidates per depth
+    esp_nodes: int = 6  # ESP: nodes of ESP's own tree offered to the merge
+    mask_init: str = "vocab-mean"
+    max_ngram: int = 3  # PLD: longest suffix searched for
+    num_pred_tokens: int = 10  # PLD: tokens copied after a match
+    max_candidates: int = 3  # PLD: continuations offered
+    ngram: int = 4  # pool: n-gram length (the root token + n - 1 drafts)
+    pool_per_key: int = 3  # pool: n-grams kept per root token
+    budget: int | str = "auto"  # nodes per step, or auto (budget.py)
+    max_budget: int = 24  # the largest tree auto considers
+
+    def __post_init__(self):
+        self.budget = parse_budget(self.budget)
+        for name in ("masks", "top_k", "esp_nodes", "max_ngram", "num_pred_tokens", "max_candidates", "pool_per_key", "max_budget"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidOptionError(f"hybrid option {name} must be an integer >= 1, got {value!r}")
+        if self.ngram < 2:
+            raise InvalidOptionError(f"hybrid option ngram must be >= 2, got {self.ngram}")
+
+
+@dataclass
+class ScoredPath:
+    """A candidate sequence below the root with, per token, its path score (non-increasing)."""
+
+    source: str
+    tokens: list[int]
+    scores: list[float]
+
+
+def merge_scored(paths: list[ScoredPath]) -> tuple[DraftTree, list[float], list[set[str]]]:
+    """Merge scored paths into one trie; nodes ordered best score first (parents before children).
+
+    Returns the tree, each node's score (the best of the paths through it) and its sources.
+
+    >>> t, s, src = merge_scored([ScoredPath("pld", [5, 6, 7], [0.6, 0.36, 0.2]),
+    ...                           ScoredPath("esp", [5, 8], [0.7, 0.3])])
+    >>> t.tokens, t.parents, s
+    ([5, 6, 8, 7], [-1, 0, 0, 1], [0.7, 0.36, 0.3, 0.2])
+    >>> sorted(src[0])
+    ['esp', 'pld']
+    """
+    key_of: dict[tuple, int] = {}  # (parent key index or -1, token) -> trie entry
+    entries: list[list] = []  # [token, parent entry, score, depth, sources]
+    for path in paths:
+        parent = ROOT
+        for depth, (token, score) in enumerate(zip(path.tokens, path.scores), start=1):
+            key = (parent, token)
+            e = key_of.get(key)
+            if e is None:
+                e = key_of[key] = len(entries)
+                entries.append([token, parent, score, depth, {path.source}])
+            else:
+                entries[e][2] = max(entries[e][2], score)
+                entries[e][4].add(path.source)
+            parent = e
+    # a child never outscores its parent: keep scores monotone after the max-merge
+    for e in entries:
+        if e[1] != ROOT:
+            e[2] = min(e[2], entries[e[1]][2])
+    order = sorted(range(len(entries)), key=lambda i: (-entries[i][2], entries[i][3], i))
+    new_index = {old: new for new, old in enumerate(order)}
+    tree = DraftTree()
+    for old in order:
+        token, parent = entries[old][0], entries[old][1]
+        tree.add(token, ROOT if parent == ROOT else new_index[parent])
+    return tree, [entries[i][2] for i in order], [entries[i][4] for i in order]
+
+
+class SourceRates:
+    """Acceptance rate per (source, depth) of the nodes tested so far, from a prior."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, int], list[float]] = {}
+
+    def rate(self, source: str, depth: int) -> float:
+        acc, tested = self.counts.get((source, min(depth, 4)), (0.0, 0.0))
+        return (acc + PRIORS[source] * PRIOR_WEIGHT) / (tested + PRIOR_WEIGHT)
+
+    def update(self, source: str, depth: int, accepted: bool) -> None:
+        c = self.counts.setdefault((source, min(depth, 4)), [0.0, 0.0])
+        c[0] += accepted
+        c[1] += 1
+
+
+class HybridDrafter(Drafter):
+    name = "hybrid"
+
+    def __init__(self, config: HybridConfig | None = None, **options):
+        self.config = config or HybridConfig(**options)
+        c = self.config
+        self.esp = ESPDrafter(ESPConfig(masks=c.masks, top_k=c.top_k, budget=c.esp_nodes, mask_init=c.mask_init))
+
+    def start(self, session) -> None:
+        c = self.config
+        self.esp.start(session)
+        self.pool = NGramPool(c.ngram, c.pool_per_key, 1 << 16)
+        self.pool.add_text(session.ids)
+        self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
+        self.rates = SourceRates()
+        self.auto = AutoBudget(session.target) if c.budget == "auto" else None
+        self.esp_depths_before = []
+
+    def _paths(self, session) -> list[ScoredPath]:
+        c = self.config
+        root = session.pending[-1]
+        paths = []
+        esp_tree, esp_scores = ranked_tree(root, self.esp.depths, c.esp_nodes, c.top_k)
+        factor = self.auto.calibration.factor if self.auto else 1.0
+        for leaf in range(len(esp_tree)):  # every node's path (shared prefixes merge)
+            nodes = esp_tree.path_to(leaf)
+            depths = range(1, len(nodes) + 1)
+            paths.append(ScoredPath("esp", [esp_tree.tokens[i] for i in nodes], [min(1.0, esp_scores[i] * factor**d) for i, d in zip(nodes, depths)]))
+        for source, seqs in (
+            ("pld", find_continuations(session.ids, c.max_ngram, 1, c.num_pred_tokens, c.max_candidates)),
+            ("pool", [list(g) for g in self.pool.lookup(root)]),
+        ):
+            for seq in seqs:
+                score, scores = 1.0, []
+                for d in range(1, len(seq) + 1):
+                    score *= self.rates.rate(source, d)
+                    scores.append(score)
+                paths.append(ScoredPath(source, seq, scores))
+        return paths
+
+    def propose(self, session) -> Proposal:
+        c = self.config
+        self.esp_depths_before = self.esp.depths
+        tree, scores, sources = merge_scored(self._paths(session))
+        if self.auto is not None:
+            n = best_size(scores[: c.max_budget], lambda n: 1 + n + c.masks * (n + 1), self.auto.cost)
+        else:
+            n = c.budget
+        tree, self.sources = tree.prefix(n), sources[:n]
+        return Proposal(tree, self.esp.mask_rows(session, tree))
+
+    def observe(self, session, step: StepResult) -> None:
+        c = self.config
+        tree = step.proposal.tree
+        path = step.acceptance.path
+        if len(tree):
+            on_path = set(path)
+            depths = tree.depths()
+            esp_pred, esp_acc = 0.0, 0
+            for i in nodes_tested(tree.parents, path):
+                for source in self.sources[i]:
+                    if source == "esp":
+                        continue
+                    self.rates.update(source, depths[i], i in on_path)
+            if self.auto is not None:  # ESP's calibration: its raw conditional probabilities vs outcomes
+                for i in nodes_tested(tree.parents, path):
+                    if "esp" in self.sources[i]:
+                        esp_pred += self._esp_conditional(i, tree)
+                        esp_acc += i in on_path
+                self.auto.calibration.update(esp_pred, esp_acc)
+        self.esp.observe(session, step)  # next step's ESP candidates from the masks at the last accepted node
+        self.pool.add_text(session.ids, self.pooled_upto)
+        self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
+
+    def _esp_conditional(self, node: int, tree: DraftTree) -> float:
+        """ESP's raw probability for `node`'s token at its depth (0 when ESP did not rank it)."""
+        d = tree.depths()[node]
+        cands = self.esp_depths_before[d - 1] if d - 1 < len(self.esp_depths_before) else None
+        if cands is None:
+            return 0.0
+        try:
+            return cands.probs[cands.tokens.index(tree.tokens[node])]
+        except ValueError:
+            return 0.0

@@ -1,0 +1,66 @@
+"""`specprobe profile`: the cost curve T(q) of the target on this machine, its parts, the roofline.
+
+Writes profile.md, profile.json and cost_curve.png to --out (when given) and saves the curve of
+the planned kernels where `--budget auto` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import InvalidOptionError
+
+
+def run_command(args) -> int:
+    import torch
+
+    from .models import load
+    from .profile import CURVE_Q, forward_times, plot_profiles, profile, save_cost_curve
+    from .verify import KERNEL_MODES, Target
+
+    qs = sorted(set(args.q))
+    if not qs or qs[0] < 1 or qs[-1] > 512:
+        raise InvalidOptionError("--q values must lie in 1..512")
+    if 1 not in qs:
+        qs = [1, *qs]
+    modes = list(KERNEL_MODES) if args.kernels == "both" else [args.kernels]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    profiles = {}
+    for mode in modes:
+        target = Target(lm.model, kernels=mode)
+        print(f"specprobe: profiling {args.model} with {mode} kernels ...", file=sys.stderr)
+        prof = profile(target, args.model, qs, args.context, args.repeats)
+        profiles[mode] = prof
+        print(f"\n## {mode} kernels\n\n{prof.to_markdown()}\n")
+        if mode == "planned":
+            save_cost_curve(target, forward_times(target, CURVE_Q, args.context, 3))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps({m: p.to_dict() for m, p in profiles.items()}, indent=1))
+        (out / "profile.md").write_text("\n\n".join(f"## {m} kernels\n\n{p.to_markdown()}" for m, p in profiles.items()) + "\n")
+        plot_profiles(profiles, out / "cost_curve.png")
+        print(f"specprobe: wrote {out / 'profile.md'}, profile.json, cost_curve.png", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub, add_model_args) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure the cost curve T(q) of one verification forward, its parts and the roofline bound",
+        description="Time one engine forward with q new rows over a KV cache, split into embedding, layers, LM head and "
+        "overhead, beside the roofline bound from this machine's measured bandwidth and matmul peak. Saves the curve "
+        "that --budget auto reads.",
+    )
+    add_model_args(p)
+    p.add_argument("--q", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows per forward (default 1 2 4 8 16 32 64)")
+    p.add_argument("--context", type=int, default=300, help="tokens in the KV cache (default 300)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported (default 7)")
+    p.add_argument("--kernels", choices=["planned", "linear", "both"], default="both", help="planned (specprobe's), linear (transformers') or both (default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", help="folder for profile.md, profile.json and cost_curve.png")
+    p.set_defaults(func=run_command)
