@@ -16,6 +16,7 @@ nodes seen so far in this generation.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,21 +105,41 @@ def parse_budget(value) -> int | str:
 
 
 class AutoBudget:
-    """Per generation: the target's cost curve and the drafter's calibration; picks tree sizes."""
+    """Per generation: the target's cost curve, the drafter's calibration, and the step overhead.
+
+    The cost curve times the forward alone, over a 300-token cache. A real step also pays for the
+    drafter, the acceptance, the cache update and attention over a longer context: `choose` times
+    the interval between successive calls and keeps a running estimate of what it adds beyond
+    T(q) (`overhead`), which it adds to every size's cost.
+    """
 
     def __init__(self, target, prior: float = 1.0):
         from .profile import target_cost_curve
 
         self.cost = CostCurve.from_dict(target_cost_curve(target))
         self.calibration = Calibration(prior)
+        self.overhead = 0.0  # seconds per step beyond T(q)
+        self._last: tuple[float, int] | None = None  # (time of the last choice, its rows)
+        self._calls = 0
 
     def calibrated(self, scores: list[float], depths: list[int]) -> list[float]:
         """Scores (path probabilities) times factor^depth: each conditional probability rescaled."""
         c = self.calibration.factor
         return [min(1.0, s * c**d) for s, d in zip(scores, depths)]
 
+    def choose(self, scores: list[float], rows: Callable[[int], int]) -> int:
+        """The number of (already calibrated) best-first nodes to verify this step."""
+        now = time.perf_counter()
+        self._calls += 1
+        if self._last is not None and self._calls > 2:  # the 1st interval holds the prompt's prefill
+            residual = now - self._last[0] - self.cost(self._last[1])
+            self.overhead = max(0.0, 0.8 * self.overhead + 0.2 * residual)
+        n = best_size(scores, rows, lambda q: self.cost(q) + self.overhead)
+        self._last = (now, rows(n))
+        return n
+
     def size(self, scores: list[float], depths: list[int], rows: Callable[[int], int]) -> int:
-        return best_size(self.calibrated(scores, depths), rows, self.cost)
+        return self.choose(self.calibrated(scores, depths), rows)
 
     def observe(self, conditional: list[float], parents: list[int], path: list[int]) -> None:
         """conditional[i]: node i's probability given its parent (the drafter's raw estimate)."""

@@ -32,6 +32,7 @@ class GenerationStats:
     target_forwards: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per target forward
     draft_sizes: list[int] = field(default_factory=list)  # tree nodes proposed per forward
+    step_rows: list[int] = field(default_factory=list)  # rows per forward (root, nodes, auxiliary; the prompt counts 1)
     wall_time: float = 0.0
     draft_time: float = 0.0  # in the drafter's propose/observe
     verify_time: float = 0.0  # in target forwards and acceptance
@@ -158,6 +159,7 @@ def decode(
         stats.target_forwards += 1
         stats.accept_lengths.append(len(emitted))
         stats.draft_sizes.append(len(proposal.tree))
+        stats.step_rows.append(out.layout.n_rows - (n_pending - 1))
         stats.draft_time += (t1 - t0) + (t3 - t2)
         stats.verify_time += t2 - t1
         if on_tokens is not None and emitted:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +43,7 @@ KERNELS = {
     "mm": lambda w, h: torch.mm(w, h.T).T,
 }
 MEASURED_Q = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -86,17 +85,18 @@ def plan_rows(costs: dict[tuple[str, int], float], q_max: int) -> dict[int, list
 
 
 def _time(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up: noise on a shared machine only adds time."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.inference_mode()
-def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", qs=MEASURED_Q, repeats: int = 3) -> dict[tuple[str, int], float]:
+def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", qs=MEASURED_Q, repeats: int = 5) -> dict[tuple[str, int], float]:
     """Seconds per product of every kernel for every q in `qs`, for a weight of `shape`
     [out, in] streamed from memory: the timing runs over enough random weights to exceed 64 MB."""
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -121,11 +121,13 @@ def test_merge_is_a_trie_ordered_by_score():
 
 def test_source_rates_move_from_the_prior():
     r = SourceRates()
-    assert r.rate("pld", 1) == pytest.approx(0.6)
+    assert r.rate("pld#0", 1) == pytest.approx(0.6)
+    assert r.rate("pld#1", 1) == pytest.approx(0.3)  # a lower-ranked candidate starts lower
     for _ in range(8):
-        r.update("pld", 1, True)
-    assert r.rate("pld", 1) == pytest.approx((8 + 1.2) / 10)
-    assert r.rate("pld", 2) == pytest.approx(0.6)  # depths are counted apart
+        r.update("pld#0", 1, True)
+    assert r.rate("pld#0", 1) == pytest.approx((8 + 1.2) / 10)
+    assert r.rate("pld#0", 2) == pytest.approx(0.6)  # depths are counted apart
+    assert r.rate("pld#1", 1) == pytest.approx(0.3)  # and ranks
 
 
 # -- losslessness ---------------------------------------------------------------------------------

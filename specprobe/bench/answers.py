@@ -35,6 +35,8 @@ class TurnOutput:
     decoding_steps: int | None  # target forwards; None where not observable
     wall_time: float
     accept_lengths: list[int] | None  # tokens committed per target forward
+    bound_time: float | None = None  # sum over forwards of T(rows), from the target's cost curve
+    t1: float | None = None  # T(1) of that curve
 
 
 def safe_name(model: str) -> str:
@@ -69,6 +71,8 @@ def make_record(question: dict, model: str, method: str, turns: list[TurnOutput]
                 "wall_time": [t.wall_time for t in turns],
                 "accept_lengths": [t.accept_lengths for t in turns],
                 "token_ids": [t.token_ids for t in turns],
+                "bound_time": [t.bound_time for t in turns],
+                "t1": [t.t1 for t in turns],
             }
         ],
         "tstamp": time.time(),

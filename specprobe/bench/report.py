@@ -6,6 +6,9 @@ Per method and per category (and overall), a cell holds, as Spec-Bench defines t
     tokens_per_s    mean over answers of (new tokens / wall time), turns summed per answer
     speedup         tokens_per_s of the method / tokens_per_s of `ar` in the same category
     identical_to_ar fraction of answers whose token ids equal ar's for the same question
+    bound           the speedup the cost curve allows for what the method did: new tokens x T(1) /
+                    the sum over its forwards of T(rows), i.e. tau x T(1) / mean T(q), with T the
+                    target's measured cost curve (`specprobe profile`); null for transformers' rows
     n               answers
 
 Only questions answered by every method count, so each ratio compares the same prompts.
@@ -42,7 +45,11 @@ def cell(records: list[dict], ar: dict | None = None) -> dict:
     identical = None
     if ar is not None:
         identical = _mean([float(r["choices"][0]["token_ids"] == ar[r["question_id"]]["choices"][0]["token_ids"]) for r in records])
-    return {"tau": tau, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "n": len(records)}
+    bound = None
+    turns = [(n, b, t1) for r in records for n, b, t1 in zip(r["choices"][0]["new_tokens"], r["choices"][0].get("bound_time") or [None], r["choices"][0].get("t1") or [None])]
+    if turns and all(b and t1 for _, b, t1 in turns):
+        bound = sum(n * t1 for n, _, t1 in turns) / sum(b for _, b, _ in turns)
+    return {"tau": tau, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "bound": bound, "n": len(records)}
 
 
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
@@ -111,13 +118,15 @@ def to_markdown(summary: dict) -> str:
     rows = []
     for m in methods:
         c = cells[m][OVERALL]
-        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
-    lines += _table(["method", "tau", "tokens/s", "speedup", "identical to ar", "n"], rows)
+        share = c["speedup"] / c["bound"] if c.get("bound") and c["speedup"] is not None else None
+        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
+    lines += _table(["method", "tau", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "n"], rows)
     for title, key, kind in (("Speedup over ar per category", "speedup", "x"), ("tau (new tokens per target forward) per category", "tau", "tau")):
         rows = [[c] + [_fmt(cells[m][c][key], kind) for m in methods] for c in [*summary["categories"], OVERALL]]
         lines += ["", f"## {title}", ""] + _table(["category", *methods], rows)
     lines += ["", "## Notes", ""]
     lines.append("- tau = new tokens / target forwards (plain decoding: 1.00); tokens/s = mean over answers of new tokens / wall time; speedup = mean tokens/s of the method / mean tokens/s of ar in the same category (Spec-Bench's definitions).")
+    lines.append("- bound = new tokens x T(1) / sum over forwards of T(rows): the speedup the target's measured cost curve allows for the trees the method verified (tau x T(1) / T(q)); it leaves out drafting time and attention over contexts longer than the curve's 300 tokens.")
     if "ar" not in cells:
         lines.append("- ar was not run: no speedup and no identical_to_ar.")
     if "hf" in cells:

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 from ..api import generate
+from ..budget import CostCurve
+from ..profile import target_cost_curve
+from ..verify import Target
 from ..drafters import METHODS
 from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
@@ -77,7 +80,9 @@ def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options
         return hf_turn(lm, method, messages, max_new_tokens, draft_model)
     r = generate(lm.model, lm.tokenizer, messages, method=method, max_new_tokens=max_new_tokens, **options)
     s = r.stats
-    return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths))
+    curve = CostCurve.from_dict(target_cost_curve(Target.of(lm.model)))
+    bound_time = sum(curve(q) for q in s.step_rows)
+    return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths), bound_time, curve(1))
 
 
 def run_question(lm, question: dict, method: str, turns: int, max_new_tokens: int, options: dict, draft_model=None) -> list[TurnOutput]:

@@ -198,10 +198,10 @@ class ESPDrafter(Drafter):
             tree = build_tree(root, self.depths, cfg.budget, cfg.top_k)
         return Proposal(tree, self.mask_rows(session, tree))
 
-    def mask_rows(self, session, tree: DraftTree) -> AuxRows:
-        """A chain of k mask rows after the root and after every node of `tree`."""
+    def mask_rows(self, session, tree: DraftTree, nodes: list[int] | None = None) -> AuxRows:
+        """A chain of k mask rows after the root and after every node of `tree` (or of `nodes`)."""
         anchors, offsets, sees = [], [], []
-        for a in [ROOT, *range(len(tree))]:
+        for a in [ROOT, *(range(len(tree)) if nodes is None else nodes)]:
             base = len(anchors)
             for j in range(self.config.masks):
                 anchors.append(a)
@@ -224,6 +224,9 @@ class ESPDrafter(Drafter):
         path = step.acceptance.path
         last = path[-1] if path else ROOT
         rows = [j for j, a in enumerate(aux.anchor) if a == last]
+        if not rows:  # no masks after that node (the hybrid places masks after ESP's nodes only)
+            self.depths = []
+            return
         probs = torch.softmax(step.output.aux_logits[rows], dim=-1)  # [k, vocab]
         top = torch.topk(probs, self.config.top_k + 1, dim=-1)
         self.depths = [DepthCandidates(t, p) for t, p in zip(top.indices.tolist(), top.values.tolist())]

@@ -12,19 +12,20 @@ step this drafter gathers the candidates of three sources,
 and scores every node with an estimate of the probability that the target accepts its whole path:
 the product, along the path, of the node's conditional acceptance estimate, which is for ESP its
 mask probability times ESP's calibration factor, and for pld and pool the acceptance rate measured
-so far in this generation for that source at that depth (nodes tested = parent accepted). The
+so far in this generation for that source, at that depth and rank of the candidate among the
+source's own (nodes tested = parent accepted). The
 sources' trees are merged into one trie (`merge_scored`): a node proposed by several sources keeps
 its best score. The first n nodes by score form the tree, n chosen by the hardware-aware budget
 (budget.py) from the target's cost curve, or fixed with `budget=N`. ESP's mask rows follow the
-root and every node, so next step's ESP candidates are computed in this forward whichever node
-ends up accepted.
+root and every node ESP proposed (not the copied ones: rows are what a forward costs on a CPU), so
+next step's ESP candidates are computed in this forward unless a copied node ends the accepted path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import AutoBudget, best_size, nodes_tested, parse_budget
+from ..budget import AutoBudget, nodes_tested, parse_budget
 from ..errors import InvalidOptionError
 from ..tree import ROOT, DraftTree
 from .base import Drafter, Proposal, StepResult
@@ -35,6 +36,8 @@ from .prompt_lookup import find_continuations
 SOURCES = ("esp", "pld", "pool")
 PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any evidence
 PRIOR_WEIGHT = 2.0
+MAX_DEPTH_BUCKET = 16  # acceptance rates are kept per depth up to this one
+MAX_RANK_BUCKET = 2  # ... and per rank of a source's candidate: 0, 1, 2 and beyond
 
 
 @dataclass
@@ -116,11 +119,14 @@ class SourceRates:
         self.counts: dict[tuple[str, int], list[float]] = {}
 
     def rate(self, source: str, depth: int) -> float:
-        acc, tested = self.counts.get((source, min(depth, 4)), (0.0, 0.0))
-        return (acc + PRIORS[source] * PRIOR_WEIGHT) / (tested + PRIOR_WEIGHT)
+        """source: "pld#0" (the best-ranked continuation), "pld#1", "pool#0", ..."""
+        acc, tested = self.counts.get((source, min(depth, MAX_DEPTH_BUCKET)), (0.0, 0.0))
+        name, _, rank = source.partition("#")
+        prior = PRIORS[name] * (0.5 if rank not in ("", "0") else 1.0)
+        return (acc + prior * PRIOR_WEIGHT) / (tested + PRIOR_WEIGHT)
 
     def update(self, source: str, depth: int, accepted: bool) -> None:
-        c = self.counts.setdefault((source, min(depth, 4)), [0.0, 0.0])
+        c = self.counts.setdefault((source, min(depth, MAX_DEPTH_BUCKET)), [0.0, 0.0])
         c[0] += accepted
         c[1] += 1
 
@@ -157,24 +163,31 @@ class HybridDrafter(Drafter):
             ("pld", find_continuations(session.ids, c.max_ngram, 1, c.num_pred_tokens, c.max_candidates)),
             ("pool", [list(g) for g in self.pool.lookup(root)]),
         ):
-            for seq in seqs:
+            for rank, seq in enumerate(seqs):
+                label = f"{source}#{min(rank, MAX_RANK_BUCKET)}"  # the first-ranked candidate is measured apart
                 score, scores = 1.0, []
                 for d in range(1, len(seq) + 1):
-                    score *= self.rates.rate(source, d)
+                    score *= self.rates.rate(label, d)
                     scores.append(score)
-                paths.append(ScoredPath(source, seq, scores))
+                paths.append(ScoredPath(label, seq, scores))
         return paths
 
     def propose(self, session) -> Proposal:
         c = self.config
         self.esp_depths_before = self.esp.depths
         tree, scores, sources = merge_scored(self._paths(session))
+        # mask rows follow the root and ESP's nodes only: after a copied (pld/pool) node they would
+        # mostly be wasted rows, and rows are what a forward costs on a CPU
+        esp_before = [0]
+        for src in sources:
+            esp_before.append(esp_before[-1] + ("esp" in src))
         if self.auto is not None:
-            n = best_size(scores[: c.max_budget], lambda n: 1 + n + c.masks * (n + 1), self.auto.cost)
+            n = self.auto.choose(scores[: c.max_budget], lambda n: 1 + n + c.masks * (1 + esp_before[n]))
         else:
             n = c.budget
         tree, self.sources = tree.prefix(n), sources[:n]
-        return Proposal(tree, self.esp.mask_rows(session, tree))
+        anchors = [i for i, src in enumerate(self.sources) if "esp" in src]
+        return Proposal(tree, self.esp.mask_rows(session, tree, anchors))
 
     def observe(self, session, step: StepResult) -> None:
         c = self.config
