@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--configs", nargs="+", default=["masks=3,top_k=4,budget=8"])
+    p.add_argument("--configs", nargs="+", default=["masks=3,branching=4,budget=8"])
     p.add_argument("--out")
     args = p.parse_args()
 

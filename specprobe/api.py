@@ -8,6 +8,8 @@ from .decode import GenerationResult, decode
 from .drafters import make_drafter
 from .errors import InvalidOptionError
 from .models import format_prompt
+from .sampling import SamplingConfig
+from .tune import tuned_options
 from .verify import Target
 
 
@@ -30,20 +32,30 @@ def generate(
     *,
     chat: bool | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
     **options,
 ) -> GenerationResult:
     """Generate greedily with a speculative `method`; the tokens equal plain greedy decoding.
 
     prompt: a string (formatted with the chat template, or the plain template, see
     `specprobe.models`), a list of chat messages, or a list of token ids.
-    options: the method's options (for ESP: masks, top_k, budget, mask_init, ema_lambda).
+    options: the method's options (for ESP: masks, branching, budget, mask_init, ema_lambda). For esp
+    and hybrid, options not given come from `specprobe tune`'s saved choice for this model, if any.
     on_tokens: called with each step's newly committed token ids (for streaming).
+    temperature, top_p, top_k, seed: sampling as in transformers' `generate` (temperature 0, the
+    default, is greedy). Sampled tokens follow the target's own distribution exactly, whatever the
+    method (sampling.py); the same seed on the same machine gives the same output.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    drafter = make_drafter(method, **options)
+    sampling = SamplingConfig(temperature, top_p, top_k, seed)
+    tuned = tuned_options(model, method)  # `specprobe tune`'s choice for this model, if it ran
+    drafter = make_drafter(method, **{**tuned, **{k: v for k, v in options.items() if v is not None}})
     prompt_ids = format_prompt(tokenizer, prompt, chat)
     target = Target.of(model)
-    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens)
+    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return GenerationResult(text, ids, prompt_ids, stats, stop, method)

@@ -1,4 +1,5 @@
-"""The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench), profile (the cost curve).
+"""The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench), profile (the cost
+curve T(q), profile_command.py), tune (ESP settings per model, tune.py).
 
 Errors a user can cause print one line on stderr and exit with status 2; no tracebacks.
 """
@@ -16,9 +17,9 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL
 # CLI flag -> (drafter option name, type, help). Flags a method does not take are ignored for it.
 METHOD_FLAGS = {
     "--masks": ("masks", int, "ESP, hybrid: mask rows after each tree node (k; drafts reach depth k)"),
-    "--top-k": ("top_k", int, "ESP, hybrid: candidates per depth (K)"),
+    "--branching": ("branching", int, "ESP, hybrid: K, candidates per depth and children per node"),
     "--budget": ("budget", str, "ESP, PLD, hybrid: tree nodes verified per step, or auto (ESP, hybrid: the size that maximises tokens/s on this machine)"),
-    "--mask-init": ("mask_init", str, "ESP, hybrid: context-mean | ema | vocab-mean | token:ID"),
+    "--mask-init": ("mask_init", str, "ESP, hybrid: context-mean | ema | vocab-mean | gaussian | token:ID"),
     "--ema-lambda": ("ema_lambda", float, "ESP: EMA rate for --mask-init ema"),
     "--max-budget": ("max_budget", int, "ESP, hybrid: the largest tree --budget auto considers"),
     "--max-ngram": ("max_ngram", int, "PLD, hybrid: longest suffix searched for"),
@@ -46,6 +47,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_method_args(p: argparse.ArgumentParser) -> None:
     for flag, (dest, typ, help_) in METHOD_FLAGS.items():
         p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample, losslessly")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same machine: same output)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    from .sampling import SamplingConfig
+
+    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)  # validate before any model loads
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
 
 
 def method_options(args: argparse.Namespace, method: str) -> dict:
@@ -92,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise SpecProbeError("the prompt is empty")
     options = method_options(args, args.method)
+    sampling = sampling_options(args)
     if args.method == "draft":
         if not args.draft_model:
             raise SpecProbeError("--method draft needs --draft-model (a model name, or truncated:N)")
@@ -107,17 +123,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=4, chat=chat)
     stream = None if args.json else TextStream(lm.tokenizer)
     result = generate(
-        lm.model, lm.tokenizer, prompt, method=args.method, max_new_tokens=args.max_new_tokens, chat=chat, on_tokens=stream, **options
+        lm.model, lm.tokenizer, prompt, method=args.method, max_new_tokens=args.max_new_tokens, chat=chat, on_tokens=stream, **sampling, **options
     )
     if stream is not None:
         stream.close()
     record = result.to_dict()
     record.pop("token_ids")
-    record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"})
+    record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"}, sampling=sampling)
     if args.method == "draft":
         record["options"]["draft_model"] = args.draft_model
     if args.compare:
-        ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat)
+        ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat, **sampling)
         record["ar_tokens_per_s"] = ar.stats.tokens_per_s
         record["speedup"] = result.stats.tokens_per_s / ar.stats.tokens_per_s if ar.stats.tokens_per_s else 0.0
         record["identical_to_ar"] = ar.token_ids == result.token_ids
@@ -161,6 +177,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--summarize-only", action="store_true", help="only recompute the summary and plots of --out")
     b.add_argument("--quiet", action="store_true", help="a line per question instead of the progress bar")
     add_method_args(b)
+    add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
 
 
@@ -180,12 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat/plain template")
     g.add_argument("--draft-model", help="for --method draft: a model name, or truncated:N (the target's first N layers)")
     add_method_args(g)
+    add_sampling_args(g)
     g.add_argument("prompt", help="the prompt ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
     from .profile_command import add_parser as add_profile_parser
 
     add_profile_parser(sub, add_model_args)
+    from .tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub, add_model_args)
     return parser
 
 

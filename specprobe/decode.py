@@ -20,7 +20,7 @@ import torch
 from .drafters.base import Drafter, Proposal, StepResult
 from .errors import PromptTooLongError
 from .kv_cache import cache_length, keep_rows, new_cache
-from .sampling import greedy_accept
+from .sampling import SamplingConfig, accept
 from .tree import Layout
 from .verify import Target
 
@@ -83,8 +83,10 @@ class GenerationResult:
 class Session:
     """What a drafter may read during one generation."""
 
-    def __init__(self, target: Target, prompt_ids: list[int], max_new_tokens: int):
+    def __init__(self, target: Target, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None):
         self.target = target
+        self.sampling = sampling or SamplingConfig()  # temperature 0: greedy
+        self.generator = None if self.sampling.greedy else self.sampling.generator()
         self.prompt_len = len(prompt_ids)
         self.ids: list[int] = list(prompt_ids)  # committed tokens: prompt + generated
         self.pending: list[int] = list(prompt_ids)  # committed but not yet in the cache
@@ -108,8 +110,10 @@ def decode(
     max_new_tokens: int,
     eos_ids: set[int],
     on_tokens: Callable[[list[int]], None] | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> tuple[list[int], GenerationStats, str]:
-    """Generate up to `max_new_tokens` after `prompt_ids`; returns (new ids, stats, stop reason)."""
+    """Generate up to `max_new_tokens` after `prompt_ids`; returns (new ids, stats, stop reason).
+    `sampling`: temperature / top-k / top-p / seed (default: greedy)."""
     if not prompt_ids:
         raise PromptTooLongError("the prompt is empty: give at least one token")
     if len(prompt_ids) >= target.max_length:
@@ -117,7 +121,7 @@ def decode(
             f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_length} tokens"
         )
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    session = Session(target, prompt_ids, max_new_tokens)
+    session = Session(target, prompt_ids, max_new_tokens, sampling)
     t_start = time.perf_counter()
     drafter.start(session)
     stats.draft_time += time.perf_counter() - t_start
@@ -138,7 +142,7 @@ def decode(
         if past + Layout.of(n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
             proposal = Proposal()  # no room for drafts near the end of the context
         out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux)
-        acceptance = greedy_accept(proposal.tree, out.logits)
+        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs)
         keep_rows(session.cache, past, list(range(n_pending)) + [n_pending + i for i in acceptance.path])
         t2 = time.perf_counter()
 

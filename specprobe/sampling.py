@@ -1,17 +1,97 @@
-"""Acceptance rules: which of the proposed tokens the target keeps.
+"""Acceptance rules: which of the proposed tokens the target keeps (greedy, and sampling).
 
-Greedy (temperature 0): walk down the tree from the root; at each node the target's argmax is
-the next token; if a child of the node holds it, the child is accepted and the walk goes on,
-otherwise the walk stops. The target's argmax at the last accepted node is the bonus token.
-The emitted tokens are therefore exactly those plain greedy decoding would produce.
+Every rule walks down the draft tree from the root and returns an `Acceptance`: the accepted nodes,
+then one final token drawn from the target at the last accepted node. Naming as in vLLM:
+  accepted   drafted tokens the rule kept
+  recovered  the final token when some child of the last node was rejected: drawn from what is
+             left of the target's distribution once the rejected candidates are taken out
+  bonus      the final token when the last node had no children to try: drawn from the target
+             itself (greedy: its argmax)
+
+Greedy (temperature 0): at each node the target's argmax is the next token; a child holding it
+is accepted, otherwise the walk stops. The emitted tokens are exactly plain greedy decoding's.
+
+Sampling: the target's distribution p at a row is softmax(logits / temperature) cut to the top_k
+tokens, then to the top_p nucleus, renormalised: the order transformers' `generate` applies them.
+Two rules, both exact (every emitted token is distributed as the target's own sample would be):
+
+* `accept_deterministic` (ESP, prompt lookup, lookahead, hybrid: candidates without a draft
+  distribution). At a node with residual r = p: try the children in order; child c is accepted
+  with probability r(c); if not, r(c) <- 0 and r is renormalised. If none is accepted, the
+  recovered token is drawn from r. (A candidate is a point mass; this is recursive rejection
+  sampling with q = that point mass, so min(1, r(c)/q(c)) = r(c).)
+* `accept_with_draft_probs` (a draft model sampling its candidates): children were drawn i.i.d.
+  from the draft distribution q of their parent. Child c is accepted with probability
+  min(1, r(c) / q(c)); on rejection r <- normalise(max(0, r - q)) (Leviathan et al. 2023), child
+  after child (SpecInfer's recursive rejection sampling, arXiv 2305.09781). If none is accepted
+  the recovered token is drawn from r.
+
+All randomness comes from the `torch.Generator` passed in: same seed, same machine, same output.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .drafters.base import Acceptance
+from .errors import InvalidOptionError
 from .tree import ROOT, DraftTree
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # None: a random seed
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise InvalidOptionError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidOptionError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise InvalidOptionError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise InvalidOptionError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device="cpu") -> torch.Generator:
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+
+def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits [rows, vocab] -> probabilities [rows, vocab] after temperature, top-k and top-p."""
+    scores = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1:]  # [rows, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - cfg.top_p  # the low tail whose mass is at most 1 - top_p
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:  # probs [vocab]
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator).item())
 
 
 def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
@@ -24,6 +104,71 @@ def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
         tokens.append(token)
         nxt = next((c for c in children[node + 1] if tree.tokens[c] == token), None)
         if nxt is None:
-            return Acceptance(path, tokens)
+            return Acceptance(path, tokens, recovered=bool(children[node + 1]))
         path.append(nxt)
         node = nxt
+
+
+def _walk(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator, trial) -> Acceptance:
+    """Walk down from the root; at each node try its children in order with
+    `trial(child, residual) -> (accepted, residual)`; where all fail, draw from the residual."""
+    children = tree.children()
+    node, path, tokens = ROOT, [], []
+    while True:
+        residual = probs[node + 1].clone()  # [vocab]
+        kids = children[node + 1]
+        chosen = None
+        for c in kids:
+            accepted, residual = trial(c, residual)
+            if accepted:
+                chosen = c
+                break
+        if chosen is None:
+            tokens.append(_draw(residual, generator))
+            return Acceptance(path, tokens, recovered=bool(kids))
+        path.append(chosen)
+        tokens.append(tree.tokens[chosen])
+        node = chosen
+
+
+def accept_deterministic(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
+    """probs: [1 + n_nodes, vocab] target distributions (row 0 = root). Candidates are point masses."""
+
+    def trial(c: int, residual: torch.Tensor):
+        t = tree.tokens[c]
+        if _uniform(generator) < residual[t].item():
+            return True, residual
+        residual[t] = 0.0  # a repeated candidate now has probability 0 and is never accepted
+        return False, residual / residual.sum()
+
+    return _walk(tree, probs, generator, trial)
+
+
+def accept_with_draft_probs(
+    tree: DraftTree,
+    probs: torch.Tensor,  # [1 + n_nodes, vocab] target distributions, row 0 = root
+    draft_probs: torch.Tensor,  # [n_nodes, vocab]: row i = the draft distribution node i was drawn from
+    generator: torch.Generator,
+) -> Acceptance:
+    """Recursive rejection sampling; children of a node must be i.i.d. draws from draft_probs."""
+
+    def trial(c: int, residual: torch.Tensor):
+        t, q = tree.tokens[c], draft_probs[c]  # q [vocab]
+        if q[t] > 0 and _uniform(generator) < min(1.0, (residual[t] / q[t]).item()):
+            return True, residual
+        left = (residual - q).clamp_min(0)
+        total = left.sum()
+        # total == 0 means residual == q: nothing to correct, the residual stays as it is
+        return False, (left / total if total > 0 else residual)
+
+    return _walk(tree, probs, generator, trial)
+
+
+def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None, draft_probs=None) -> Acceptance:
+    """The rule for this step: greedy, or sampling with or without draft probabilities."""
+    if cfg.greedy:
+        return greedy_accept(tree, logits)
+    probs = target_probs(logits, cfg)
+    if draft_probs is not None and len(tree):
+        return accept_with_draft_probs(tree, probs, draft_probs, generator)
+    return accept_deterministic(tree, probs, generator)

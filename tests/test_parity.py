@@ -54,7 +54,7 @@ def test_ar_identical_to_hf_generate_and_tau_one(model_name, request, spec_bench
 
 
 # The paper's tree size (deeper, wider trees than the CPU default), every mask initialisation.
-PAPER_TREE = dict(masks=3, top_k=4, budget=8)
+PAPER_TREE = dict(masks=3, branching=4, budget=8)
 
 
 @pytest.mark.parametrize("mask_init", ["context-mean", "ema", "vocab-mean", "token:0"])

@@ -82,7 +82,7 @@ def test_greedy_accept_rejects_all():
 
 def test_esp_tree_prunes_parent_token_and_respects_budget():
     depths = [DepthCandidates([4, 1, 2, 3], [0.4, 0.3, 0.2, 0.1]), DepthCandidates([1, 5, 6], [0.5, 0.3, 0.2])]
-    tree = build_tree(4, depths, budget=4, top_k=2)
+    tree = build_tree(4, depths, budget=4, branching=2)
     assert len(tree) == 4
     assert 4 not in [tree.tokens[i] for i, p in enumerate(tree.parents) if p == ROOT]
     for i, p in enumerate(tree.parents):

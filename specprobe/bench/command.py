@@ -27,7 +27,7 @@ def split_list(value: str | None) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..cli import method_options
+    from ..cli import method_options, sampling_options
 
     out = Path(args.out)
     if args.summarize_only:
@@ -39,6 +39,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise InvalidOptionError(f"--turns must be 1 or 2, got {args.turns}")
         methods = check_methods(split_list(args.methods) if args.methods else default_methods(), args.draft_model is not None)
         options = {m: method_options(args, m) for m in methods if m in METHODS}
+        sampling = sampling_options(args)
         for m, o in options.items():
             if m != "draft":  # its draft model is not loaded yet
                 make_drafter(m, **o)
@@ -50,7 +51,7 @@ def run_command(args: argparse.Namespace) -> int:
         settings = {"questions": args.questions, "categories": categories, "per_category": args.per_category, "dtype": args.dtype, "device": args.device}
         summary = run_bench(
             lm, questions, methods, out, max_new_tokens=args.max_new_tokens, turns=args.turns, method_options=options,
-            draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings,
+            draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings, sampling=sampling,
         )
     print((out / "summary.md").read_text(), end="")
     print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png", file=sys.stderr)

@@ -54,10 +54,15 @@ def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
     return methods
 
 
-def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_model=None) -> TurnOutput:
-    """One turn decoded by transformers' own `generate` (greedy)."""
+def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_model=None, sampling: dict | None = None) -> TurnOutput:
+    """One turn decoded by transformers' own `generate` (greedy, or sampling with the same settings)."""
     prompt_ids = format_prompt(lm.tokenizer, messages)
-    extra = {}
+    extra = {"do_sample": False}
+    sampling = sampling or {}
+    if sampling.get("temperature", 0) > 0:
+        extra = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0), "top_k": sampling.get("top_k", 0)}
+        if sampling.get("seed") is not None:
+            torch.manual_seed(sampling["seed"])
     if method == "hf-pld":
         extra["prompt_lookup_num_tokens"] = HF_PLD_TOKENS
     elif method == "hf-assisted":
@@ -66,7 +71,7 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], device=lm.model.device)
         t0 = time.perf_counter()
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, **extra)
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **extra)
         wall = time.perf_counter() - t0
     new = out[0, len(prompt_ids) :].tolist()
     text = lm.tokenizer.decode(new, skip_special_tokens=True)
@@ -77,7 +82,7 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
 
 def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options: dict, draft_model=None) -> TurnOutput:
     if method in HF_METHODS:
-        return hf_turn(lm, method, messages, max_new_tokens, draft_model)
+        return hf_turn(lm, method, messages, max_new_tokens, draft_model, options)
     r = generate(lm.model, lm.tokenizer, messages, method=method, max_new_tokens=max_new_tokens, **options)
     s = r.stats
     curve = CostCurve.from_dict(target_cost_curve(Target.of(lm.model)))
@@ -159,6 +164,7 @@ def run_bench(
     resume: bool = False,
     progress: bool | None = None,
     settings: dict | None = None,
+    sampling: dict | None = None,
 ) -> dict:
     """Run `methods` on `questions` with the loaded model `lm` (a `specprobe.models.LoadedModel`),
     write the answer files, summary.json, summary.md and the plots into `out_dir`; returns the summary.
@@ -177,7 +183,12 @@ def run_bench(
     draft = getattr(draft_model, "model", draft_model)
     methods = check_methods(methods, draft is not None)
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     run_options = {m: ({**o, "draft_model": draft} if m == "draft" else o) for m, o in method_options.items()}
+    if sampling.get("temperature", 0) > 0:  # every method samples with the same settings
+        run_options = {m: {**o, **sampling} for m, o in run_options.items()}
+    for m in methods:
+        run_options.setdefault(m, dict(sampling) if sampling.get("temperature", 0) > 0 else {})
     out = Path(out_dir)
     record_settings = {
         "model": lm.name,
@@ -191,6 +202,7 @@ def run_bench(
         "torch_threads": torch.get_num_threads(),
         "transformers": __import__("transformers").__version__,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
+        "sampling": sampling if sampling.get("temperature", 0) > 0 else None,
         **(settings or {}),
     }
     record_settings = _prepare_dir(out, record_settings, resume)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..tree import AuxRows, DraftTree
 from ..verify import VerifyOutput
 
@@ -21,18 +23,21 @@ from ..verify import VerifyOutput
 class Proposal:
     tree: DraftTree = field(default_factory=DraftTree)
     aux: AuxRows | None = None
+    draft_probs: torch.Tensor | None = None  # [n_nodes, vocab]: the distribution each node was sampled from (sampling drafters only)
 
 
 @dataclass
 class Acceptance:
-    """Greedy verdict on a tree: the accepted nodes and the tokens emitted.
+    """The verdict on a tree: the accepted nodes and the tokens emitted.
 
-    tokens = the accepted tokens followed by the bonus token (the target's own next token after
-    the last accepted one), so len(tokens) == len(path) + 1.
+    tokens = the accepted tokens followed by one token from the target after the last accepted
+    one (a recovered token if a candidate there was rejected, else a bonus token; see
+    sampling.py), so len(tokens) == len(path) + 1.
     """
 
     path: list[int]  # accepted tree nodes, root excluded, in order
     tokens: list[int]
+    recovered: bool = False  # the final token replaced a rejected candidate (else it is a bonus token)
 
     @property
     def bonus(self) -> int:

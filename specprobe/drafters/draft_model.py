@@ -35,6 +35,7 @@ import torch
 from ..errors import InvalidOptionError
 from ..kv_cache import cache_length, keep_rows, new_cache
 from ..models import LoadedModel
+from ..sampling import target_probs
 from ..tree import ROOT, DraftTree
 from ..verify import Target
 from .base import Drafter, Proposal, StepResult
@@ -97,20 +98,28 @@ class DraftModelDrafter(Drafter):
         depth = min(cfg.num_tokens, self.draft.max_length - past - len(self.pending) + 1)
         if depth < 1:
             return Proposal()
-        tree, chain = DraftTree(), []
+        tree, chain, q_rows = DraftTree(), [], []
         feed, parent = self.pending, ROOT
+        sampling = getattr(session, "sampling", None)
+        sample = sampling is not None and not sampling.greedy
         for d in range(depth):
             logits = self.draft.forward(self.cache, feed, DraftTree()).logits[0]  # [vocab], after the last fed token
-            top = torch.topk(torch.softmax(logits, dim=-1), cfg.tree_top_k)  # best first
-            tokens = top.indices.tolist()
+            if sample:  # i.i.d. draws from the draft's own (equally warped) distribution q
+                q = target_probs(logits[None], sampling)[0]  # [vocab]
+                tokens = torch.multinomial(q, cfg.tree_top_k, replacement=True, generator=session.generator).tolist()
+                confidence = q[tokens[0]].item()
+                q_rows += [q] * len(tokens)
+            else:
+                top = torch.topk(torch.softmax(logits, dim=-1), cfg.tree_top_k)  # best first
+                tokens, confidence = top.indices.tolist(), top.values[0].item()
             chain.append(tree.add(tokens[0], parent))
             for runner_up in tokens[1:]:
                 tree.add(runner_up, parent)
-            if d == depth - 1 or top.values[0].item() < cfg.min_confidence:
+            if d == depth - 1 or confidence < cfg.min_confidence:
                 break
             feed, parent = tokens[:1], chain[-1]
         self.fed = _Fed(past, len(self.pending), chain)
-        return Proposal(tree)
+        return Proposal(tree, draft_probs=torch.stack(q_rows) if sample else None)
 
     def observe(self, session, step: StepResult) -> None:
         fed, self.fed = self.fed, None

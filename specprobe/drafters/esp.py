@@ -20,6 +20,8 @@ Mask vector (`mask_init`):
                 as tokens are committed (the paper's initialisation)
   ema           the prompt's mean, then m <- (1 - lambda) m + lambda e(token) per new token
   vocab-mean    mean of the embeddings of the whole vocabulary (fixed)
+  gaussian      one fixed draw (seed 0) from a Gaussian with the vocabulary embeddings' per-dimension
+                mean and standard deviation
   token:ID      the embedding of one token (an id, or a token string)
 All masks of a chain share the vector; their positions differ (RoPE tells them apart).
 """
@@ -36,19 +38,19 @@ from ..errors import InvalidOptionError
 from ..tree import ROOT, AuxRows, DraftTree
 from .base import Drafter, Proposal, StepResult
 
-MASK_INITS = ("context-mean", "ema", "vocab-mean", "token:<id>")
+MASK_INITS = ("context-mean", "ema", "vocab-mean", "gaussian", "token:<id>")
 
 
 @dataclass
 class ESPConfig:
     """ESP options. The defaults are the fastest setting measured on a 2-core CPU, where a forward
     of q rows costs far more than one of a single row (README, "Measured on this machine"); on a
-    GPU, where extra rows are nearly free, larger trees (masks=3, top_k=4, budget=8 or more) pay.
+    GPU, where extra rows are nearly free, larger trees (masks=3, branching=4, budget=8 or more) pay.
     `vocab-mean` gave the highest tau on SmolLM2 and tied with the paper's context mean on Gemma3.
     """
 
     masks: int = 1  # k: mask rows after each node; drafts reach depth k
-    top_k: int = 2  # K: candidates per depth and children per node
+    branching: int = 2  # K: candidates per depth and children per node
     budget: int | str = "auto"  # tree nodes per step; auto: the size that maximises tokens/s (budget.py)
     max_budget: int = 16  # the largest tree auto considers
     mask_init: str = "vocab-mean"
@@ -56,12 +58,12 @@ class ESPConfig:
 
     def __post_init__(self):
         self.budget = parse_budget(self.budget)
-        for name in ("masks", "top_k", "max_budget"):
+        for name in ("masks", "branching", "max_budget"):
             if int(getattr(self, name)) < 1:
                 raise InvalidOptionError(f"ESP option {name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 < self.ema_lambda <= 1.0):
             raise InvalidOptionError(f"ESP option ema_lambda must be in (0, 1], got {self.ema_lambda}")
-        if self.mask_init not in MASK_INITS[:3] and not self.mask_init.startswith("token:"):
+        if self.mask_init not in MASK_INITS[:4] and not self.mask_init.startswith("token:"):
             raise InvalidOptionError(f"unknown mask_init {self.mask_init!r}; choose from {', '.join(MASK_INITS)}")
 
 
@@ -71,25 +73,25 @@ class DepthCandidates:
     probs: list[float]
 
 
-def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_k: int) -> DraftTree:
+def build_tree(root_token: int, depths: list[DepthCandidates], budget: int, branching: int) -> DraftTree:
     """Best-first tree over per-depth candidate lists (see `ranked_tree`)."""
-    return ranked_tree(root_token, depths, budget, top_k)[0]
+    return ranked_tree(root_token, depths, budget, branching)[0]
 
 
-def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, top_k: int) -> tuple[DraftTree, list[float]]:
+def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, branching: int) -> tuple[DraftTree, list[float]]:
     """Best-first tree over per-depth candidate lists, and each node's score, in node order
     (which is best-first order: the first n nodes of the tree are the best tree of n nodes).
 
-    A node's children are the first `top_k` candidates of the next depth that differ from the
+    A node's children are the first `branching` candidates of the next depth that differ from the
     node's own token; a child's score is its parent's score times its probability.
 
     Example: root 7, depth 1 = [7 (0.5), 3 (0.3), 4 (0.1)], depth 2 = [3 (0.5), 9 (0.25)],
-    budget 3, top_k 2. Depth 1 skips 7 (equal to the root): children 3 (0.3) and 4 (0.1).
+    budget 3, branching 2. Depth 1 skips 7 (equal to the root): children 3 (0.3) and 4 (0.1).
     Best-first: 3 (0.3), then 4 (0.1), then 9 under 3 (0.3 * 0.25 = 0.075; 3 itself is skipped
     under 3) beats 3 under 4 (0.1 * 0.5 = 0.05):
 
     >>> d = [DepthCandidates([7, 3, 4], [0.5, 0.3, 0.1]), DepthCandidates([3, 9], [0.5, 0.25])]
-    >>> t = build_tree(7, d, budget=3, top_k=2)
+    >>> t = build_tree(7, d, budget=3, branching=2)
     >>> t.tokens, t.parents
     ([3, 4, 9], [-1, -1, 0])
     """
@@ -99,7 +101,7 @@ def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, top
 
     def children_of(parent_token: int, depth: int) -> list[tuple[int, float]]:
         c = depths[depth - 1]
-        return [(t, p) for t, p in zip(c.tokens, c.probs) if t != parent_token][:top_k]
+        return [(t, p) for t, p in zip(c.tokens, c.probs) if t != parent_token][:branching]
 
     # heap entries: (-score, order, parent node, depth, sibling list, rank in it, parent score)
     order = 0
@@ -123,18 +125,27 @@ def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, top
     return tree, scores
 
 
-_VOCAB_MEAN: dict[int, torch.Tensor] = {}
+_VOCAB_STATS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def vocabulary_stats(target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the embeddings of the whole vocabulary."""
+    key = id(target.embedding)
+    if key not in _VOCAB_STATS:
+        total = torch.zeros(target.embedding.weight.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, target.vocab_size, 16384):
+            e = target.embed(list(range(start, min(start + 16384, target.vocab_size)))).double().cpu()
+            total += e.sum(0)
+            squares += (e * e).sum(0)
+        mean = total / target.vocab_size
+        std = (squares / target.vocab_size - mean * mean).clamp_min(0).sqrt()
+        _VOCAB_STATS[key] = (mean.float(), std.float())
+    return _VOCAB_STATS[key]
 
 
 def vocabulary_mean(target) -> torch.Tensor:
-    key = id(target.embedding)
-    if key not in _VOCAB_MEAN:
-        total = torch.zeros(target.embedding.weight.shape[1], dtype=torch.float64)
-        for start in range(0, target.vocab_size, 16384):
-            ids = list(range(start, min(start + 16384, target.vocab_size)))
-            total += target.embed(ids).double().sum(0).cpu()
-        _VOCAB_MEAN[key] = (total / target.vocab_size).float()
-    return _VOCAB_MEAN[key]
+    return vocabulary_stats(target)[0]
 
 
 class ESPDrafter(Drafter):
@@ -148,6 +159,9 @@ class ESPDrafter(Drafter):
         init = self.config.mask_init
         if init == "vocab-mean":
             return vocabulary_mean(session.target)
+        if init == "gaussian":  # one fixed draw from N(mean, std^2) of the vocabulary's embeddings
+            mean, std = vocabulary_stats(session.target)
+            return mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
         if init.startswith("token:"):
             spec = init.split(":", 1)[1]
             tok = session.tokenizer if hasattr(session, "tokenizer") else None
@@ -191,11 +205,11 @@ class ESPDrafter(Drafter):
         cfg = self.config
         root = session.pending[-1]
         if cfg.budget == "auto":
-            tree, scores = ranked_tree(root, self.depths, cfg.max_budget, cfg.top_k)
+            tree, scores = ranked_tree(root, self.depths, cfg.max_budget, cfg.branching)
             n = self.auto.size(scores, tree.depths(), rows=lambda n: 1 + n + cfg.masks * (n + 1))
             tree, self.scores = tree.prefix(n), scores[:n]
         else:
-            tree = build_tree(root, self.depths, cfg.budget, cfg.top_k)
+            tree = build_tree(root, self.depths, cfg.budget, cfg.branching)
         return Proposal(tree, self.mask_rows(session, tree))
 
     def mask_rows(self, session, tree: DraftTree, nodes: list[int] | None = None) -> AuxRows:
@@ -228,5 +242,5 @@ class ESPDrafter(Drafter):
             self.depths = []
             return
         probs = torch.softmax(step.output.aux_logits[rows], dim=-1)  # [k, vocab]
-        top = torch.topk(probs, self.config.top_k + 1, dim=-1)
+        top = torch.topk(probs, self.config.branching + 1, dim=-1)
         self.depths = [DepthCandidates(t, p) for t, p in zip(top.indices.tolist(), top.values.tolist())]

@@ -43,7 +43,7 @@ MAX_RANK_BUCKET = 2  # ... and per rank of a source's candidate: 0, 1, 2 and bey
 @dataclass
 class HybridConfig:
     masks: int = 1  # ESP: mask rows after each node
-    top_k: int = 2  # ESP: candidates per depth
+    branching: int = 2  # ESP: candidates per depth
     esp_nodes: int = 6  # ESP: nodes of ESP's own tree offered to the merge
     mask_init: str = "vocab-mean"
     max_ngram: int = 3  # PLD: longest suffix searched for
@@ -56,7 +56,7 @@ class HybridConfig:
 
     def __post_init__(self):
         self.budget = parse_budget(self.budget)
-        for name in ("masks", "top_k", "esp_nodes", "max_ngram", "num_pred_tokens", "max_candidates", "pool_per_key", "max_budget"):
+        for name in ("masks", "branching", "esp_nodes", "max_ngram", "num_pred_tokens", "max_candidates", "pool_per_key", "max_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidOptionError(f"hybrid option {name} must be an integer >= 1, got {value!r}")
@@ -137,7 +137,7 @@ class HybridDrafter(Drafter):
     def __init__(self, config: HybridConfig | None = None, **options):
         self.config = config or HybridConfig(**options)
         c = self.config
-        self.esp = ESPDrafter(ESPConfig(masks=c.masks, top_k=c.top_k, budget=c.esp_nodes, mask_init=c.mask_init))
+        self.esp = ESPDrafter(ESPConfig(masks=c.masks, branching=c.branching, budget=c.esp_nodes, mask_init=c.mask_init))
 
     def start(self, session) -> None:
         c = self.config
@@ -153,7 +153,7 @@ class HybridDrafter(Drafter):
         c = self.config
         root = session.pending[-1]
         paths = []
-        esp_tree, esp_scores = ranked_tree(root, self.esp.depths, c.esp_nodes, c.top_k)
+        esp_tree, esp_scores = ranked_tree(root, self.esp.depths, c.esp_nodes, c.branching)
         factor = self.auto.calibration.factor if self.auto else 1.0
         for leaf in range(len(esp_tree)):  # every node's path (shared prefixes merge)
             nodes = esp_tree.path_to(leaf)

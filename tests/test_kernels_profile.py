@@ -1,0 +1,153 @@
+"""Kernel plans (kernels.py), the reduced head, `specprobe profile` and `specprobe tune`."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import specprobe
+from specprobe import api, kernels, tune
+from specprobe.cli import main
+from specprobe.kernels import LMHead, Piece, PlannedLinear, plan_rows, project
+from specprobe.profile import profile
+from specprobe.tree import ROOT, DraftTree
+from specprobe.verify import Target
+from specprobe.kv_cache import new_cache
+from specprobe.models import format_prompt
+
+
+def test_docstring_examples():
+    failed, attempted = doctest.testmod(kernels)
+    assert attempted > 0 and failed == 0
+
+
+def test_plans_cover_every_row_once():
+    costs = {(k, q): (q if k == "linear" else 3.0 + 0.5 * q) for k in ("linear", "mm") for q in (1, 2, 4, 8, 16)}
+    plan = plan_rows(costs, 16)
+    for q in range(1, 17):
+        pieces = plan[q]
+        assert sum(p.rows for p in pieces) == q
+        assert all(p.run_as >= p.rows for p in pieces)
+
+
+# The plans compute the same dot products in another order: equal up to float32 rounding.
+HAND_PLAN = {
+    1: [Piece(1, 2, "mm")],
+    3: [Piece(3, 4, "mm")],
+    5: [Piece(2, 2, "mm"), Piece(3, 3, "linear")],
+    8: [Piece(4, 4, "mm"), Piece(4, 4, "mm")],
+}
+
+
+@pytest.mark.parametrize("q", sorted(HAND_PLAN) + [6])  # 6: no plan, F.linear
+def test_project_equals_linear(q):
+    gen = torch.Generator().manual_seed(q)
+    w, h = torch.randn(300, 64, generator=gen), torch.randn(q, 64, generator=gen)
+    ref = F.linear(h, w)
+    out = project(w, h, HAND_PLAN)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_planned_linear_keeps_shapes_and_bias():
+    lin = torch.nn.Linear(32, 48, bias=True)
+    planned = PlannedLinear(lin, HAND_PLAN)
+    for shape in [(1, 5, 32), (1, 1, 32), (2, 4, 32), (1, 70, 32)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(planned(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert planned.weight is lin.weight  # shared, not copied
+
+
+def test_planned_target_agrees_with_transformers_kernels(smollm2):
+    """The planned engine's logits equal the F.linear engine's within 1e-3 (same argmax), on a tree."""
+    planned, plain = Target.of(smollm2.model), Target(smollm2.model, kernels="linear")
+    assert planned.decoder is not smollm2.model.get_decoder()  # the user's model is left alone
+    assert any(isinstance(m, PlannedLinear) for m in planned.decoder.modules())
+    assert not any(isinstance(m, PlannedLinear) for m in smollm2.model.modules())
+    ids = format_prompt(smollm2.tokenizer, "Name three colours of the rainbow.")
+    tree = DraftTree([100, 200, 300, 400], [ROOT, 0, ROOT, 2])
+    outs = []
+    for target in (planned, plain):
+        cache = new_cache()
+        target.forward(cache, ids[:-1], DraftTree())
+        outs.append(target.forward(cache, ids[-1:], tree).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-3)
+    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+def test_bad_kernels_mode(smollm2):
+    with pytest.raises(specprobe.errors.InvalidOptionError):
+        Target(smollm2.model, kernels="fast")
+
+
+def test_reduced_head_is_the_full_head_restricted():
+    gen = torch.Generator().manual_seed(0)
+    w, h = torch.randn(1000, 32, generator=gen), torch.randn(3, 32, generator=gen)
+    head = LMHead(w, softcap=30.0)
+    full = head(h)
+    keep = list(range(0, 1000, 3))
+    head.set_reduced_vocabulary(keep)
+    reduced = head.reduced(h)
+    assert reduced.shape == full.shape
+    torch.testing.assert_close(reduced[:, keep], full[:, keep], rtol=1e-5, atol=1e-5)
+    outside = torch.ones(1000, dtype=torch.bool)
+    outside[keep] = False
+    assert torch.isinf(reduced[:, outside]).all()
+    # its top candidates are the full head's best among the kept tokens: a subset of the vocabulary
+    for row in range(3):
+        top = reduced[row].topk(5).indices.tolist()
+        assert set(top) <= set(keep)
+        best_kept = sorted(keep, key=lambda t: -full[row, t].item())[:5]
+        assert top == best_kept
+    head.set_reduced_vocabulary(None)
+    torch.testing.assert_close(head.reduced(h), full)
+
+
+# -- profile ---------------------------------------------------------------------------------------
+def test_profile_parts_and_roofline(smollm2):
+    prof = profile(Target.of(smollm2.model), "smollm2-135m", qs=(1, 4), context=64, repeats=1)
+    assert [r.q for r in prof.rows] == [1, 4]
+    assert prof.machine.bandwidth_gbs > 0 and prof.machine.peak_gflops > 0
+    assert 4e8 < prof.weight_bytes < 7e8  # 135M float32 parameters, the input table left out
+    for r in prof.rows:
+        assert r.total_ms > 0 and r.layers_ms > 0 and r.head_ms > 0 and r.bound_ms > 0
+    md = prof.to_markdown()
+    assert "roofline" in md and "| 4 |" in md
+
+
+@pytest.mark.parametrize("argv", [["profile", "--q", "0"], ["profile", "--q", "1000"]])
+def test_profile_cli_rejects_bad_q(argv, capsys):
+    assert main(argv) == 2
+    assert "--q" in capsys.readouterr().err
+
+
+# -- tune -------------------------------------------------------------------------------------------
+def test_tune_saves_a_choice_that_generate_uses(smollm2, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECPROBE_CACHE", str(tmp_path))
+    assert tune.tuned_options(smollm2.model, "esp") == {}
+    grid = tune.candidates(["vocab-mean", "gaussian"], [1], [2])
+    chosen, trials = tune.tune(smollm2, tune.PROMPTS[:1], grid, max_new_tokens=8)
+    assert len(trials) == 2 and all(t.identical for t in trials)
+    assert chosen in [{k: g[k] for k in tune.TUNED_KEYS} for g in grid]
+    tune.save(smollm2.model, chosen, trials, {})
+    assert tune.tuned_options(smollm2.model, "esp") == chosen
+    assert tune.tuned_options(smollm2.model, "pld") == {}
+    seen = {}
+    real = api.make_drafter
+
+    def spy(method, **options):
+        seen.update(options)
+        return real(method, **options)
+
+    monkeypatch.setattr(api, "make_drafter", spy)
+    specprobe.generate(smollm2.model, smollm2.tokenizer, "Hi", method="esp", max_new_tokens=2, branching=3)
+    assert seen["mask_init"] == chosen["mask_init"] and seen["branching"] == 3  # the caller's option wins
+    assert "| vocab-mean" in tune.to_markdown(trials, chosen)
+
+
+def test_tune_cli_rejects_missing_prompt_file(capsys):
+    assert main(["tune", "--prompt-file", "/nonexistent/prompts.txt"]) == 2
+    assert "prompt-file" in capsys.readouterr().err
