@@ -1,5 +1,6 @@
 """The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench), profile (the cost
-curve T(q), profile_command.py), tune (ESP settings per model, tune.py).
+curve T(q), profile_command.py), tune (ESP settings per model, tune.py), serve (OpenAI-compatible
+server, server.py).
 
 Errors a user can cause print one line on stderr and exit with status 2; no tracebacks.
 """
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tune import add_parser as add_tune_parser
 
     add_tune_parser(sub, add_model_args)
+    from .server import add_parser as add_serve_parser
+
+    add_serve_parser(sub, add_model_args, add_method_args)
     return parser
 
 

@@ -20,7 +20,7 @@ import torch
 from .drafters.base import Drafter, Proposal, StepResult
 from .errors import PromptTooLongError
 from .kv_cache import cache_length, keep_rows, new_cache
-from .sampling import SamplingConfig, accept
+from .sampling import PositionNoise, SamplingConfig, accept
 from .tree import Layout
 from .verify import Target
 
@@ -87,6 +87,7 @@ class Session:
         self.target = target
         self.sampling = sampling or SamplingConfig()  # temperature 0: greedy
         self.generator = None if self.sampling.greedy else self.sampling.generator()
+        self.noise = None if self.sampling.greedy else PositionNoise(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
         self.prompt_len = len(prompt_ids)
         self.ids: list[int] = list(prompt_ids)  # committed tokens: prompt + generated
         self.pending: list[int] = list(prompt_ids)  # committed but not yet in the cache
@@ -142,7 +143,7 @@ def decode(
         if past + Layout.of(n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
             proposal = Proposal()  # no room for drafts near the end of the context
         out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux)
-        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs)
+        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids))
         keep_rows(session.cache, past, list(range(n_pending)) + [n_pending + i for i in acceptance.path])
         t2 = time.perf_counter()
 

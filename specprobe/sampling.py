@@ -20,6 +20,9 @@ Two rules, both exact (every emitted token is distributed as the target's own sa
   with probability r(c); if not, r(c) <- 0 and r is renormalised. If none is accepted, the
   recovered token is drawn from r. (A candidate is a point mass; this is recursive rejection
   sampling with q = that point mass, so min(1, r(c)/q(c)) = r(c).)
+  The engine runs this rule in its Gumbel-coupled form (`accept_by_position_noise`): the same
+  outcome distribution, with randomness tied to (seed, position), so that a seed gives the same
+  text whatever the drafts were (a tree's size may follow timings, see budget.py).
 * `accept_with_draft_probs` (a draft model sampling its candidates): children were drawn i.i.d.
   from the draft distribution q of their parent. Child c is accepted with probability
   min(1, r(c) / q(c)); on rejection r <- normalise(max(0, r - q)) (Leviathan et al. 2023), child
@@ -164,11 +167,58 @@ def accept_with_draft_probs(
     return _walk(tree, probs, generator, trial)
 
 
-def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None, draft_probs=None) -> Acceptance:
-    """The rule for this step: greedy, or sampling with or without draft probabilities."""
+class PositionNoise:
+    """Gumbel noise for each position of the sequence, a function of (seed, position) alone."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def __call__(self, position: int, vocab: int, device="cpu") -> torch.Tensor:  # -> [vocab]
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63 - 1))
+        u = torch.rand(vocab, generator=gen).clamp_min_(1e-20)  # (0, 1)
+        return (-torch.log(-torch.log(u))).to(device)
+
+
+def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: PositionNoise, position: int) -> Acceptance:
+    """The deterministic rule with coupled randomness: at the node deciding sequence position t,
+    x = argmax(log p + Gumbel noise of t) is an exact sample of p (Gumbel-max); the child holding x
+    is accepted, or x is the recovered / bonus token. Child i is then accepted with probability
+    p(c_i) given that c_1..c_{i-1} were not, i.e. r(c_i) under the residual of
+    `accept_deterministic`: the same distribution of outcomes. Because x depends only on the seed,
+    the position and p, a seed gives the same text whatever the drafter proposed.
+
+    probs: [1 + n_nodes, vocab]; position: the sequence index of the token after the root.
+    """
+    children = tree.children()
+    node, path, tokens = ROOT, [], []
+    while True:
+        p = probs[node + 1]  # [vocab]
+        x = int((p.log() + noise(position + len(path), p.shape[-1], p.device)).argmax())
+        tokens.append(x)
+        kids = children[node + 1]
+        nxt = next((c for c in kids if tree.tokens[c] == x), None)
+        if nxt is None:
+            return Acceptance(path, tokens, recovered=bool(kids))
+        path.append(nxt)
+        node = nxt
+
+
+def accept(
+    tree: DraftTree,
+    logits: torch.Tensor,  # [1 + n_nodes, vocab]
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    draft_probs: torch.Tensor | None = None,  # [n_nodes, vocab]
+    noise: PositionNoise | None = None,
+    position: int = 0,
+) -> Acceptance:
+    """The rule for this step: greedy; sampling with draft probabilities (recursive rejection);
+    sampling of point-mass candidates (Gumbel-coupled, or the residual rule without `noise`)."""
     if cfg.greedy:
         return greedy_accept(tree, logits)
     probs = target_probs(logits, cfg)
     if draft_probs is not None and len(tree):
         return accept_with_draft_probs(tree, probs, draft_probs, generator)
+    if noise is not None:
+        return accept_by_position_noise(tree, probs, noise, position)
     return accept_deterministic(tree, probs, generator)
