@@ -199,26 +199,23 @@ class HybridDrafter(Drafter):
             esp_pred, esp_acc = 0.0, 0
             for i in nodes_tested(tree.parents, path):
                 for source in self.sources[i]:
-                    if source == "esp":
-                        continue
-                    self.rates.update(source, depths[i], i in on_path)
-            if self.auto is not None:  # ESP's calibration: its raw conditional probabilities vs outcomes
-                for i in nodes_tested(tree.parents, path):
-                    if "esp" in self.sources[i]:
-                        esp_pred += self._esp_conditional(i, tree)
-                        esp_acc += i in on_path
+                    if source != "esp":
+                        self.rates.update(source, depths[i], i in on_path)
+                if self.auto is not None and "esp" in self.sources[i]:  # ESP's calibration: raw probability vs outcome
+                    esp_pred += self._esp_conditional(tree.tokens[i], depths[i])
+                    esp_acc += i in on_path
+            if self.auto is not None:
                 self.auto.calibration.update(esp_pred, esp_acc)
         self.esp.observe(session, step)  # next step's ESP candidates from the masks at the last accepted node
         self.pool.add_text(session.ids, self.pooled_upto)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
 
-    def _esp_conditional(self, node: int, tree: DraftTree) -> float:
-        """ESP's raw probability for `node`'s token at its depth (0 when ESP did not rank it)."""
-        d = tree.depths()[node]
-        cands = self.esp_depths_before[d - 1] if d - 1 < len(self.esp_depths_before) else None
-        if cands is None:
+    def _esp_conditional(self, token: int, depth: int) -> float:
+        """ESP's raw probability for `token` at `depth` (0 when ESP did not rank it)."""
+        if depth - 1 >= len(self.esp_depths_before):
             return 0.0
+        cands = self.esp_depths_before[depth - 1]
         try:
-            return cands.probs[cands.tokens.index(tree.tokens[node])]
+            return cands.probs[cands.tokens.index(token)]
         except ValueError:
             return 0.0
