@@ -1,6 +1,6 @@
 """The `specprobe` command line: generate, bench (Spec-Bench; see specprobe/bench), profile (the cost
 curve T(q), profile_command.py), tune (ESP settings per model, tune.py), serve (OpenAI-compatible
-server, server.py).
+server, server.py), train-head (EAGLE / ConFu draft heads, train_head.py).
 
 Errors a user can cause print one line on stderr and exit with status 2; no tracebacks.
 """
@@ -32,6 +32,8 @@ METHOD_FLAGS = {
     "--guess": ("guess", int, "lookahead: G, n-grams verified per step"),
     "--num-tokens": ("num_tokens", int, "draft: draft depth per step"),
     "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
+    "--head": ("head", str, "eagle, confu: a trained head directory (specprobe train-head)"),
+    "--depth": ("depth", int, "eagle, confu: head passes per step (the deepest draft)"),
 }
 
 
@@ -173,6 +175,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
     b.add_argument("--turns", type=int, default=1, help="1 (default) or 2: the second turn of MT-bench questions sees the first turn's answer")
     b.add_argument("--draft-model", help="draft model for draft and hf-assisted: a model name, or truncated:N (the target's first N layers)")
+    b.add_argument("--eagle-head", help="the trained head for the eagle row (specprobe train-head)")
+    b.add_argument("--confu-head", help="the trained head for the confu row (specprobe train-head --contemplate K)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--resume", action="store_true", help="continue a run in --out, skipping the answers it holds")
     b.add_argument("--summarize-only", action="store_true", help="only recompute the summary and plots of --out")
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_parser as add_serve_parser
 
     add_serve_parser(sub, add_model_args, add_method_args)
+    from .train_head import add_parser as add_train_head_parser
+
+    add_train_head_parser(sub)
     return parser
 
 

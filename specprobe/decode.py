@@ -142,7 +142,7 @@ def decode(
         n_pending = len(session.pending)
         if past + Layout.of(n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
             proposal = Proposal()  # no room for drafts near the end of the context
-        out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux)
+        out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux, proposal.needs_hidden_states)
         acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids))
         keep_rows(session.cache, past, list(range(n_pending)) + [n_pending + i for i in acceptance.path])
         t2 = time.perf_counter()

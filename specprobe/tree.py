@@ -182,6 +182,19 @@ def attention_masks(
     q = vis.shape[0]
     positions = off + past_len  # [q]
     allowed = torch.cat([torch.ones(q, past_len, dtype=torch.bool), vis], dim=1)  # [q, past+q]
+    full, sliding = additive_masks(allowed, positions, torch.cat([torch.arange(past_len), positions]), dtype, device, sliding_window)
+    return full, sliding, positions[None].to(device)
+
+
+def additive_masks(
+    allowed: torch.Tensor,  # [q, k] bool: query row r may attend to key k
+    positions: torch.Tensor,  # [q] long: the query rows' positions
+    key_positions: torch.Tensor,  # [k] long
+    dtype: torch.dtype,
+    device: torch.device,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(full [1, 1, q, k], sliding [1, 1, q, k] or None) additive masks from a boolean one."""
     neg = torch.finfo(dtype).min
 
     def additive(a: torch.Tensor) -> torch.Tensor:
@@ -191,7 +204,6 @@ def attention_masks(
 
     sliding = None
     if sliding_window is not None:
-        key_pos = torch.cat([torch.arange(past_len), positions])  # [past+q]
-        near = key_pos[None, :] > positions[:, None] - sliding_window
+        near = key_positions[None, :] > positions[:, None] - sliding_window
         sliding = additive(allowed & near)
-    return additive(allowed), sliding, positions[None].to(device)
+    return additive(allowed), sliding

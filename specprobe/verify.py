@@ -17,7 +17,7 @@ import torch
 from .errors import InvalidOptionError
 from .kernels import LMHead, planned_decoder
 from .kv_cache import cache_length
-from .tree import AuxRows, DraftTree, Layout, attention_masks
+from .tree import AuxRows, DraftTree, Layout, additive_masks, attention_masks
 
 
 KERNEL_MODES = ("planned", "linear")
@@ -89,13 +89,20 @@ class Target:
             # Plain causal rows: the model's own mask is exactly right (and is what `generate` uses).
             return layout, embeds, None, torch.arange(past, past + layout.n_rows, device=self.device)[None]
         full, sliding, positions = attention_masks(layout, past, embeds.dtype, self.device, self.sliding_window)
+        return layout, embeds, self._mask_argument(full, sliding), positions
+
+    def _mask_argument(self, full: torch.Tensor, sliding: torch.Tensor | None):
+        """The `attention_mask` argument this model's forward takes for these additive masks."""
         if self.mask_mode == "per-layer-type":
-            mask = {"full_attention": full, "sliding_attention": sliding}
-        elif self.mask_mode == "all-sliding":
-            mask = sliding
-        else:
-            mask = full
-        return layout, embeds, mask, positions
+            return {"full_attention": full, "sliding_attention": sliding}
+        return sliding if self.mask_mode == "all-sliding" else full
+
+    def attention_argument(self, allowed: torch.Tensor, positions: torch.Tensor, past: int):
+        """The mask argument for new rows at `positions` ([q]) after `past` cached positions, where
+        allowed [q, past + q] says which cached and new rows each new row sees (training-time use)."""
+        keys = torch.cat([torch.arange(past), positions])
+        full, sliding = additive_masks(allowed, positions, keys, self.dtype, self.device, self.sliding_window)
+        return self._mask_argument(full, sliding)
 
     @torch.inference_mode()
     def forward(

@@ -18,8 +18,11 @@ from .runner import check_methods, check_out_dir, run_bench
 
 
 def default_methods() -> list[str]:
-    """ar, hf and every method that needs no draft model."""
-    return ["ar", "hf", *[m for m in METHODS if m not in ("ar", "draft")]]
+    """ar, hf and every method that needs no draft model or trained head."""
+    return ["ar", "hf", *[m for m in METHODS if m not in ("ar", *NEEDS_MODEL)]]
+
+
+NEEDS_MODEL = ("draft", "eagle", "confu")  # methods whose drafter needs a draft model or a trained head
 
 
 def split_list(value: str | None) -> list[str]:
@@ -39,6 +42,9 @@ def run_command(args: argparse.Namespace) -> int:
             raise InvalidOptionError(f"--turns must be 1 or 2, got {args.turns}")
         methods = check_methods(split_list(args.methods) if args.methods else default_methods(), args.draft_model is not None)
         options = {m: method_options(args, m) for m in methods if m in METHODS}
+        for m, head in (("eagle", args.eagle_head), ("confu", args.confu_head)):
+            if m in options and head:
+                options[m]["head"] = head
         sampling = sampling_options(args)
         for m, o in options.items():
             if m != "draft":  # its draft model is not loaded yet

@@ -7,6 +7,7 @@ import dataclasses
 from ..errors import InvalidOptionError
 from .base import Acceptance, Drafter, Proposal, StepResult
 from .draft_model import DraftModelConfig, DraftModelDrafter
+from .eagle import ConfuDrafter, EagleConfig, EagleDrafter
 from .esp import ESPConfig, ESPDrafter
 from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
@@ -20,6 +21,8 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "lookahead": (LookaheadDrafter, LookaheadConfig),
     "draft": (DraftModelDrafter, DraftModelConfig),
     "hybrid": (HybridDrafter, HybridConfig),
+    "eagle": (EagleDrafter, EagleConfig),
+    "confu": (ConfuDrafter, EagleConfig),
 }
 
 

@@ -24,6 +24,7 @@ class Proposal:
     tree: DraftTree = field(default_factory=DraftTree)
     aux: AuxRows | None = None
     draft_probs: torch.Tensor | None = None  # [n_nodes, vocab]: the distribution each node was sampled from (sampling drafters only)
+    needs_hidden_states: bool = False  # the drafter reads the target's per-layer hidden states in `observe`
 
 
 @dataclass
