@@ -172,6 +172,10 @@ def test_bad_heads_are_clear_errors(smollm2, heads, tmp_path):
         make_drafter("eagle")
     with pytest.raises(InvalidOptionError, match="contemplate"):
         make_drafter("confu", head=str(heads[0]))
+    with pytest.raises(InvalidOptionError, match="min_path_prob"):
+        make_drafter("eagle", head=str(heads[0]), min_path_prob=1.5)
+    with pytest.raises(InvalidOptionError, match="depth"):
+        make_drafter("eagle", head=str(heads[0]), depth=0)
     with pytest.raises(InvalidOptionError, match="draft-head directory"):
         make_drafter("eagle", head=str(tmp_path))
     wrong = DraftHead(tiny_config())
@@ -187,3 +191,27 @@ def test_unrolled_loss_reports_one_agreement_per_depth(smollm2):
     ex = compute_examples(smollm2, [[{"role": "user", "content": "Count from one to ten."}]], head.config.feature_layers, 32)[0]
     loss, agreement = unrolled_loss(head, target, ex, unroll=3)
     assert loss.requires_grad and len(agreement) == 3 and all(0.0 <= a <= 1.0 for a in agreement)
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(smollm2, answers, tmp_path, monkeypatch):
+    import specprobe.train_head as th
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p, smollm2.tokenizer.decode(a, skip_special_tokens=True)]}) + "\n" for p, a in zip(PROMPTS, answers)))
+    opts = TrainOptions(data=str(data), conversations=3, max_len=64, epochs=2, validation=1, checkpoint_every=1, draft_vocab=512)
+    real, calls = th.unrolled_loss, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(th, "unrolled_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train(smollm2, opts, tmp_path / "run")
+    assert not (tmp_path / "run" / "head.pt").exists()
+    monkeypatch.setattr(th, "unrolled_loss", real)
+    train(smollm2, opts, tmp_path / "run", resume=True)
+    history = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert history["step"] == [1, 2, 3, 4]  # 2 epochs x 2 training chats, continued after the interruption

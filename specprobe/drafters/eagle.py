@@ -23,15 +23,17 @@ The target decides every token (tree verification), so the output is the target'
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..budget import AutoBudget, parse_budget
 from ..draft_head import DraftHead, target_features
 from ..errors import InvalidOptionError
+from ..kernels import LMHead, planned_decoder
 from ..tree import ROOT, AuxRows, DraftTree
 from .base import Drafter, Proposal, StepResult
 
@@ -58,6 +60,7 @@ class EagleConfig:
     depth: int = 5  # head passes per step: the deepest draft
     branching: int = 2  # nodes expanded per depth and children per expanded node
     contemplate_after: str = "chain"  # confu: contemplate rows after the root and "chain" (the best path) or "all" nodes
+    min_path_prob: float = 0.02  # stop growing when no new node's path probability reaches this
 
     def __post_init__(self):
         self.budget = parse_budget(self.budget)
@@ -67,7 +70,20 @@ class EagleConfig:
                 raise InvalidOptionError(f"eagle option {name} must be an integer >= 1, got {value!r}")
         if self.contemplate_after not in ("chain", "all"):
             raise InvalidOptionError(f"contemplate_after must be 'chain' or 'all', got {self.contemplate_after!r}")
+        if not isinstance(self.min_path_prob, (int, float)) or not 0.0 <= self.min_path_prob < 1.0:
+            raise InvalidOptionError(f"eagle option min_path_prob must be in [0, 1), got {self.min_path_prob!r}")
         self.head = load_head(self.head)
+
+
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def head_runner(head: DraftHead) -> DraftHead:
+    """The head for drafting: a copy sharing its weights whose matrix products run the kernels
+    measured fastest on this machine for their number of rows (kernels.py), built once per head."""
+    if head not in _RUNNERS:
+        _RUNNERS[head] = planned_decoder(head)
+    return _RUNNERS[head]
 
 
 @dataclass
@@ -91,7 +107,8 @@ class EagleDrafter(Drafter):
 
     def start(self, session) -> None:
         self.target = session.target
-        self.head.check_target(self.target)
+        self.config.head.check_target(self.target)
+        self.head = head_runner(self.config.head)  # after the check: no kernel timing for a head that cannot run
         self.dtype = next(self.head.parameters()).dtype
         c = self.head.config
         self.keys = torch.zeros(c.num_kv_heads, 0, c.head_dim, dtype=self.dtype)  # [kv_heads, committed rows, d]
@@ -100,7 +117,7 @@ class EagleDrafter(Drafter):
         self.last_high: torch.Tensor | None = None  # [h]: top feature of the last position with features
         self.plan_features: torch.Tensor | None = None  # [k, 3h]: contemplate rows after the last accepted node
         self.auto = AutoBudget(self.target) if self.config.budget == "auto" else None
-        self.vocab_weight = self.head.vocabulary_weight(self.target.head.weight)  # [draft_vocab, h]
+        self.lm_head = _vocabulary_head(self.head, self.target)
         self.broken = False
 
     def _head_step(self, features, tokens, positions, visible, plan=None):
@@ -114,10 +131,7 @@ class EagleDrafter(Drafter):
 
     def _top(self, normed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities [n, k], target token ids [n, k]) of the k best draft tokens per row."""
-        logits = F.linear(normed.to(self.vocab_weight.dtype), self.vocab_weight).float()  # [n, draft_vocab]
-        cap = self.target.head.softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+        logits = self.lm_head(normed.to(self.lm_head.weight.dtype))  # [n, draft_vocab]
         top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
         return top.values, self.head.vocab_ids[top.indices]
 
@@ -147,8 +161,11 @@ class EagleDrafter(Drafter):
         frontier = [len(nodes) + i for i in range(cfg.branching)]
         nodes += [_Node(t, ROOT, s, 1, -1) for t, s in zip(ids[0].tolist(), values[0].tolist())]
         n_rows = 0
+        cutoff = math.log(cfg.min_path_prob) if cfg.min_path_prob > 0 else -math.inf
         for depth in range(2, cfg.depth + 1):
-            expand = sorted(frontier, key=lambda i: -nodes[i].logp)[: cfg.branching]
+            expand = [i for i in sorted(frontier, key=lambda i: -nodes[i].logp)[: cfg.branching] if nodes[i].logp >= cutoff]
+            if not expand:
+                break
             n = len(expand)
             feats = torch.stack([outputs[nodes[i].source] for i in expand])  # [n, h]
             tokens = [nodes[i].token for i in expand]
@@ -248,6 +265,17 @@ class EagleDrafter(Drafter):
             mine = [j for j, a in enumerate(aux.anchor) if a == last]
             if mine:
                 self.plan_features = target_features(out.hidden_states, layers, [layout.aux_row(j) for j in mine]).float()
+
+
+_VOCAB_HEADS: dict[tuple[int, int], tuple[DraftHead, LMHead]] = {}  # (the head, kept alive so its id stays its own; the LM head)
+
+
+def _vocabulary_head(head: DraftHead, target) -> LMHead:
+    """The target's LM head restricted to the head's draft vocabulary, with its kernel plan."""
+    key = (id(head), id(target.head.weight))
+    if key not in _VOCAB_HEADS:
+        _VOCAB_HEADS[key] = (head, LMHead.tuned(head.vocabulary_weight(target.head.weight).contiguous(), target.head.softcap))
+    return _VOCAB_HEADS[key][1]
 
 
 class ConfuDrafter(EagleDrafter):
