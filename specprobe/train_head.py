@@ -446,6 +446,12 @@ def main(args) -> int:
             raise InvalidOptionError(f"--{name.replace('_', '-')} must be >= 1")
     if opts.max_len < 16:
         raise InvalidOptionError("--max-len must be at least 16 tokens")
+    if opts.data == "sharegpt":
+        sharegpt_path()  # a clear error before the model loads when the wheel is missing
+    elif not Path(opts.data).is_file():
+        raise InvalidOptionError(f"--data {opts.data}: no such file (give 'sharegpt' or a JSON / JSONL file of chats)")
+    if opts.init:
+        DraftHead.load(opts.init)
     out = Path(args.out)
     if (out / "head.pt").exists() and not args.resume and not args.force:
         raise SpecProbeError(f"{out} already holds a trained head; pass --force to overwrite or --resume to continue")

@@ -45,7 +45,7 @@ def load_head(spec) -> DraftHead:
     if isinstance(spec, DraftHead):
         return spec
     if spec is None:
-        raise InvalidOptionError("methods eagle and confu need a trained head: pass head=DIR (specprobe train-head)")
+        raise InvalidOptionError("methods eagle and confu need a trained head: pass --head DIR (API: head=DIR), a directory written by `specprobe train-head`")
     key = str(Path(spec).resolve())
     if key not in _LOADED:
         _LOADED[key] = DraftHead.load(spec)
