@@ -34,6 +34,7 @@ METHOD_FLAGS = {
     "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
     "--head": ("head", str, "eagle, confu: a trained head directory (specprobe train-head)"),
     "--depth": ("depth", int, "eagle, confu: head passes per step (the deepest draft)"),
+    "--ngram-cache": ("ngram_cache", str, "omnidraft: JSON file the vocabulary bridge's n-gram cache is loaded from and saved to"),
 }
 
 
@@ -111,13 +112,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SpecProbeError("the prompt is empty")
     options = method_options(args, args.method)
     sampling = sampling_options(args)
-    if args.method == "draft":
+    if args.method in ("draft", "omnidraft"):
         if not args.draft_model:
-            raise SpecProbeError("--method draft needs --draft-model (a model name, or truncated:N)")
+            raise SpecProbeError(f"--method {args.method} needs --draft-model (a model name, or truncated:N)")
     else:
         make_drafter(args.method, **options)  # validate the options before the slow model load
     lm = load(args.model, dtype=args.dtype, device=args.device)
-    if args.method == "draft":
+    if args.method in ("draft", "omnidraft"):
         from .models import load_draft
 
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
@@ -133,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = result.to_dict()
     record.pop("token_ids")
     record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"}, sampling=sampling)
-    if args.method == "draft":
+    if args.method in ("draft", "omnidraft"):
         record["options"]["draft_model"] = args.draft_model
     if args.compare:
         ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat, **sampling)

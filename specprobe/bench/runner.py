@@ -48,7 +48,7 @@ def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
     unknown = [m for m in methods if m not in all_methods()]
     if unknown:
         raise InvalidOptionError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; choose from {', '.join(all_methods())}")
-    needs_draft = [m for m in methods if m in ("hf-assisted", "draft")]
+    needs_draft = [m for m in methods if m in ("hf-assisted", "draft", "omnidraft")]
     if needs_draft and not has_draft_model:
         raise InvalidOptionError(f"method {needs_draft[0]} needs a draft model: pass --draft-model NAME or --draft-model truncated:N")
     return methods
@@ -185,6 +185,8 @@ def run_bench(
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     run_options = {m: ({**o, "draft_model": draft} if m == "draft" else o) for m, o in method_options.items()}
+    if "omnidraft" in run_options:  # it needs the draft model's tokenizer too
+        run_options["omnidraft"] = {**run_options["omnidraft"], "draft_model": draft_model}
     if sampling.get("temperature", 0) > 0:  # every method samples with the same settings
         run_options = {m: {**o, **sampling} for m, o in run_options.items()}
     for m in methods:

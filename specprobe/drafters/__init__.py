@@ -11,6 +11,7 @@ from .eagle import ConfuDrafter, EagleConfig, EagleDrafter
 from .esp import ESPConfig, ESPDrafter
 from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
+from .omnidraft import OmniDraftConfig, OmniDraftDrafter
 from .prompt_lookup import PLDConfig, PLDDrafter
 
 # method name -> (drafter class, its config dataclass or None)
@@ -23,6 +24,7 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "hybrid": (HybridDrafter, HybridConfig),
     "eagle": (EagleDrafter, EagleConfig),
     "confu": (ConfuDrafter, EagleConfig),
+    "omnidraft": (OmniDraftDrafter, OmniDraftConfig),
 }
 
 

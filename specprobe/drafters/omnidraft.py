@@ -1,0 +1,126 @@
+"""OmniDraft (arXiv 2507.02659), first slice: one small drafter for a target with a DIFFERENT tokenizer.
+
+The drafter reads the committed text in its own tokenization, drafts a chain of its tokens
+greedily, and the vocabulary bridge (vocab_bridge.py: online n-gram cache, direct map,
+re-tokenisation) turns them into target tokens, which the target verifies as a chain. After each
+step the bridge learns, from the text the target committed, which runs of draft tokens make one
+target token. Drafting stops early after a draft token whose probability is below
+`min_confidence`.
+
+Draft KV cache: the committed text is re-tokenised by the drafter every step (a target token can
+end in the middle of a draft token); the cache keeps the longest prefix of draft tokens that did
+not change (`kv_cache.keep_rows`), so only the tail is fed again.
+
+Not in this slice (issue 6): online distillation of the drafter, the learned acceptance predictor
+for the draft length, and the layer-truncated drafter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidOptionError
+from ..kv_cache import keep_rows, new_cache
+from ..models import LoadedModel
+from ..tree import DraftTree
+from ..verify import Target
+from ..vocab_bridge import NGramCache, VocabularyBridge
+from .base import Drafter, Proposal, StepResult
+
+_BRIDGES: dict[tuple[int, int], VocabularyBridge] = {}
+LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
+
+
+@dataclass
+class OmniDraftConfig:
+    draft_model: object = field(default=None, repr=False)  # a LoadedModel (model and tokenizer), any vocabulary
+    num_tokens: int = 4  # draft tokens per step (at most)
+    min_confidence: float = 0.3  # stop drafting after a draft token below this probability
+    ngram_cache: str | None = None  # a JSON file: the bridge's n-gram cache is loaded from it (if present) and saved to it
+
+    def __post_init__(self):
+        if not isinstance(self.draft_model, LoadedModel):
+            raise InvalidOptionError("method 'omnidraft' needs draft_model=<a LoadedModel> (specprobe.load(name)): the drafter's tokenizer is needed")
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+            raise InvalidOptionError(f"omnidraft option num_tokens must be an integer >= 1, got {self.num_tokens!r}")
+        if not isinstance(self.min_confidence, (int, float)) or not 0.0 <= self.min_confidence <= 1.0:
+            raise InvalidOptionError(f"omnidraft option min_confidence must be in [0, 1], got {self.min_confidence!r}")
+
+
+class OmniDraftDrafter(Drafter):
+    name = "omnidraft"
+
+    def __init__(self, config: OmniDraftConfig | None = None, **options):
+        self.config = config or OmniDraftConfig(**options)
+        self.draft = Target.of(self.config.draft_model.model)
+        self.draft_tokenizer = self.config.draft_model.tokenizer
+        self.target_tokenizer = None
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """The target's tokenizer (the API passes it before generation starts)."""
+        self.target_tokenizer = tokenizer
+
+    def start(self, session) -> None:
+        if self.target_tokenizer is None:
+            raise InvalidOptionError("omnidraft needs the target's tokenizer: run it through specprobe.generate")
+        key = (id(self.draft_tokenizer), id(self.target_tokenizer))
+        if key not in _BRIDGES:
+            cache = None
+            path = self.config.ngram_cache
+            if path and __import__("os").path.isfile(path):
+                cache = NGramCache.load(path)
+            _BRIDGES[key] = VocabularyBridge(self.draft_tokenizer, self.target_tokenizer, cache)
+        self.bridge = _BRIDGES[key]
+        self.cache = new_cache()
+        self.fed: list[int] = []  # draft tokens whose rows are in the draft cache, in order
+        self.prompt_len = len(session.ids)
+
+    def _text(self, target_ids: list[int]) -> str:
+        return self.target_tokenizer.decode(target_ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def propose(self, session) -> Proposal:
+        cfg = self.config
+        context = self.draft_tokenizer(self._text(session.ids), add_special_tokens=False).input_ids
+        if not context:
+            return Proposal()
+        common = 0
+        while common < min(len(context), len(self.fed)) and context[common] == self.fed[common]:
+            common += 1
+        common = min(common, len(context) - 1)  # feed at least one token
+        room = self.draft.max_length - len(context) - 1
+        if room < 1:
+            return Proposal()
+        keep_rows(self.cache, common, [])
+        self.fed = context[:common]
+        feed, drafted, probs = context[common:], [], []
+        for _ in range(min(cfg.num_tokens, room)):
+            logits = self.draft.forward(self.cache, feed, DraftTree()).logits[0]  # [draft vocab]
+            self.fed += feed
+            p = torch.softmax(logits.float(), dim=-1)
+            token = int(p.argmax())
+            drafted.append(token)
+            probs.append(float(p[token]))
+            if probs[-1] < cfg.min_confidence:
+                break
+            feed = [token]
+        bridged = self.bridge.to_target(drafted, probs)
+        return Proposal(DraftTree.chain(bridged.target_ids[: cfg.num_tokens]))
+
+    def observe(self, session, step: StepResult) -> None:
+        generated = session.ids[self.prompt_len :]
+        window = generated[-LEARN_WINDOW:]
+        texts = self.bridge.target_texts
+        if window and all(0 <= t < len(texts) and texts[t] is not None for t in window):
+            try:
+                text = b"".join(texts[t] for t in window).decode("utf-8")
+            except UnicodeDecodeError:  # the window starts or ends inside a character
+                return
+            self.bridge.learn(self.draft_tokenizer(text, add_special_tokens=False).input_ids, window)
+
+    def finish(self) -> None:
+        """Save the n-gram cache where `ngram_cache` says."""
+        if self.config.ngram_cache:
+            self.bridge.cache.save(self.config.ngram_cache)
