@@ -4,12 +4,13 @@ greedy output must equal plain decoding token for token."""
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import pytest
 
 import specprobe
-from specprobe.drafters import make_drafter
+from specprobe.drafters import make_drafter, omnidraft
 from specprobe.errors import InvalidOptionError
 from specprobe.vocab_bridge import NGramCache, VocabularyBridge
 
@@ -81,3 +82,16 @@ def test_omnidraft_bad_options():
         make_drafter("omnidraft")
     with pytest.raises(InvalidOptionError, match="draft_model"):
         make_drafter("omnidraft", draft_model="smollm2-135m")
+
+
+def test_doctests():
+    failed, attempted = doctest.testmod(omnidraft)
+    assert failed == 0 and attempted > 0
+
+
+def test_acceptance_predictor_learns_from_the_verdicts():
+    m = omnidraft.AcceptancePredictor()
+    before = m(0.5, 2)
+    for _ in range(100):
+        m.update(0.5, 2, False)
+    assert m(0.5, 2) < before and m(0.5, 2) < 0.2

@@ -1,8 +1,9 @@
 """The benchmark loop: every method on every question, interleaved, one answer line at a time.
 
 Methods are the names of `specprobe.drafters.METHODS` (run through `specprobe.generate`) and
-three reference rows run by transformers itself: `hf` (`model.generate`, greedy), `hf-pld`
-(its prompt lookup, 10 tokens) and `hf-assisted` (its assisted generation with the draft model).
+four reference rows run by transformers itself: `hf` (`model.generate`, greedy), `hf-pld`
+(its prompt lookup, 10 tokens), `hf-assisted` (its assisted generation with the draft model) and
+`hf-uag` (its universal assisted generation: a draft model with a different tokenizer).
 
 One short warm-up generation per method comes first (not recorded: first calls pay for kernel
 selection and allocations), then the methods run in turn on each question (A B C, A B C, ...), so
@@ -29,7 +30,7 @@ from ..models import format_prompt
 from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, read_answer_file
 from .progress import make_progress
 
-HF_METHODS = ("hf", "hf-pld", "hf-assisted")
+HF_METHODS = ("hf", "hf-pld", "hf-assisted", "hf-uag")
 HF_PLD_TOKENS = 10
 WARMUP_TOKENS = 8
 # settings that must not change between a run and its --resume (answers would not compare)
@@ -48,7 +49,7 @@ def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
     unknown = [m for m in methods if m not in all_methods()]
     if unknown:
         raise InvalidOptionError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; choose from {', '.join(all_methods())}")
-    needs_draft = [m for m in methods if m in ("hf-assisted", "draft", "omnidraft")]
+    needs_draft = [m for m in methods if m in ("hf-assisted", "hf-uag", "draft", "omnidraft")]
     if needs_draft and not has_draft_model:
         raise InvalidOptionError(f"method {needs_draft[0]} needs a draft model: pass --draft-model NAME or --draft-model truncated:N")
     return methods
@@ -66,7 +67,9 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
     if method == "hf-pld":
         extra["prompt_lookup_num_tokens"] = HF_PLD_TOKENS
     elif method == "hf-assisted":
-        extra["assistant_model"] = draft_model
+        extra["assistant_model"] = getattr(draft_model, "model", draft_model)
+    elif method == "hf-uag":  # the draft's tokenizer may differ: transformers re-tokenises between them
+        extra.update(assistant_model=draft_model.model, tokenizer=lm.tokenizer, assistant_tokenizer=draft_model.tokenizer)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], device=lm.model.device)
@@ -170,7 +173,8 @@ def run_bench(
     write the answer files, summary.json, summary.md and the plots into `out_dir`; returns the summary.
 
     method_options: per method, the options passed to `specprobe.generate`.
-    draft_model: a LoadedModel (or bare model) for `draft` (as its draft_model option) and `hf-assisted`.
+    draft_model: a LoadedModel for `draft` (as its draft_model option), `omnidraft`, `hf-assisted`
+    and `hf-uag` (`omnidraft` and `hf-uag` read its tokenizer; the others also take a bare model).
     progress: True for the rich bar, False for a line per question, None to pick by stderr being a terminal.
     settings: extra entries recorded in settings.json and the summary (question source, dtype, ...).
     """
@@ -181,6 +185,8 @@ def run_bench(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     draft = getattr(draft_model, "model", draft_model)
+    if any(m in methods for m in ("hf-uag", "omnidraft")) and not hasattr(draft_model, "tokenizer"):
+        raise InvalidOptionError("hf-uag and omnidraft need the draft model's tokenizer: pass a LoadedModel (specprobe.load(name))")
     methods = check_methods(methods, draft is not None)
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
@@ -217,14 +223,14 @@ def run_bench(
     if todo:
         warm = todo[0][0]
         for m in dict.fromkeys(m for _, ms in todo for m in ms):  # the methods with work left
-            run_turn(lm, m, [{"role": "user", "content": warm["turns"][0]}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft)
+            run_turn(lm, m, [{"role": "user", "content": warm["turns"][0]}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft_model)
         try:
             with make_progress(len(todo), sum(len(ms) for _, ms in todo), progress) as bar:
                 for q, ms in todo:
                     records = []
                     for m in ms:
                         bar.start(q, m)
-                        outputs = run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft)
+                        outputs = run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft_model)
                         record = make_record(q, lm.name, m, outputs)
                         append_record(answer_path(out, lm.name, m), record)
                         records.append(record)

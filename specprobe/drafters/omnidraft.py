@@ -4,8 +4,12 @@ The drafter reads the committed text in its own tokenization, drafts a chain of 
 greedily, and the vocabulary bridge (vocab_bridge.py: online n-gram cache, direct map,
 re-tokenisation) turns them into target tokens, which the target verifies as a chain. After each
 step the bridge learns, from the text the target committed, which runs of draft tokens make one
-target token. Drafting stops early after a draft token whose probability is below
-`min_confidence`.
+target token.
+
+Draft length (after SpecDec++, arXiv 2405.19715): an online logistic model predicts, from a draft
+token's probability and its depth, whether the target will accept it; drafting stops when the
+predicted probability that the whole chain so far is accepted falls below `stop_below`. The model
+learns after every step from the tokens the target tested (accepted ones, and the first rejected).
 
 Draft KV cache: the committed text is re-tokenised by the drafter every step (a target token can
 end in the middle of a draft token); the cache keeps the longest prefix of draft tokens that did
@@ -17,6 +21,7 @@ for the draft length, and the layer-truncated drafter.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +34,37 @@ from ..verify import Target
 from ..vocab_bridge import NGramCache, VocabularyBridge
 from .base import Drafter, Proposal, StepResult
 
-_BRIDGES: dict[tuple[int, int], VocabularyBridge] = {}
+_BRIDGES: dict[tuple[int, int], VocabularyBridge] = {}  # per (draft tokenizer, target tokenizer)
+_PREDICTORS: dict[tuple[int, int], "AcceptancePredictor"] = {}
+
+
+class AcceptancePredictor:
+    """P(accept) = sigmoid(w . [1, p, log p, depth]) for a draft token of probability p at depth
+    `depth` (1 = first), trained online by one gradient step per observed token.
+
+    >>> m = AcceptancePredictor()
+    >>> for _ in range(200):
+    ...     m.update(0.9, 1, True)
+    ...     m.update(0.1, 1, False)
+    >>> m(0.9, 1) > 0.8 > 0.2 > m(0.1, 1)
+    True
+    """
+
+    def __init__(self, lr: float = 0.1):
+        self.w = [1.0, 2.0, 0.0, -0.2]  # prior: confident tokens are accepted, deeper ones less
+        self.lr = lr
+
+    @staticmethod
+    def _x(p: float, depth: int) -> list[float]:
+        return [1.0, p, math.log(max(p, 1e-6)) / 5.0, depth / 5.0]
+
+    def __call__(self, p: float, depth: int) -> float:
+        z = sum(w * x for w, x in zip(self.w, self._x(p, depth)))
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def update(self, p: float, depth: int, accepted: bool) -> None:
+        g = (1.0 if accepted else 0.0) - self(p, depth)
+        self.w = [w + self.lr * g * x for w, x in zip(self.w, self._x(p, depth))]
 LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
 
 
@@ -37,7 +72,7 @@ LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from afte
 class OmniDraftConfig:
     draft_model: object = field(default=None, repr=False)  # a LoadedModel (model and tokenizer), any vocabulary
     num_tokens: int = 4  # draft tokens per step (at most)
-    min_confidence: float = 0.3  # stop drafting after a draft token below this probability
+    stop_below: float = 0.3  # stop drafting when the predicted chance that the chain is accepted falls below this
     ngram_cache: str | None = None  # a JSON file: the bridge's n-gram cache is loaded from it (if present) and saved to it
 
     def __post_init__(self):
@@ -45,8 +80,8 @@ class OmniDraftConfig:
             raise InvalidOptionError("method 'omnidraft' needs draft_model=<a LoadedModel> (specprobe.load(name)): the drafter's tokenizer is needed")
         if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
             raise InvalidOptionError(f"omnidraft option num_tokens must be an integer >= 1, got {self.num_tokens!r}")
-        if not isinstance(self.min_confidence, (int, float)) or not 0.0 <= self.min_confidence <= 1.0:
-            raise InvalidOptionError(f"omnidraft option min_confidence must be in [0, 1], got {self.min_confidence!r}")
+        if not isinstance(self.stop_below, (int, float)) or not 0.0 <= self.stop_below < 1.0:
+            raise InvalidOptionError(f"omnidraft option stop_below must be in [0, 1), got {self.stop_below!r}")
 
 
 class OmniDraftDrafter(Drafter):
@@ -73,6 +108,8 @@ class OmniDraftDrafter(Drafter):
                 cache = NGramCache.load(path)
             _BRIDGES[key] = VocabularyBridge(self.draft_tokenizer, self.target_tokenizer, cache)
         self.bridge = _BRIDGES[key]
+        self.predictor = _PREDICTORS.setdefault(key, AcceptancePredictor())  # per pair, across generations: it keeps learning
+        self.last: tuple[list[float], list[int]] | None = None  # (draft probabilities, draft tokens per target token)
         self.cache = new_cache()
         self.fed: list[int] = []  # draft tokens whose rows are in the draft cache, in order
         self.prompt_len = len(session.ids)
@@ -96,20 +133,24 @@ class OmniDraftDrafter(Drafter):
         keep_rows(self.cache, common, [])
         self.fed = context[:common]
         feed, drafted, probs = context[common:], [], []
-        for _ in range(min(cfg.num_tokens, room)):
+        chain = 1.0  # predicted probability that every draft token so far is accepted
+        for depth in range(1, min(cfg.num_tokens, room) + 1):
             logits = self.draft.forward(self.cache, feed, DraftTree()).logits[0]  # [draft vocab]
             self.fed += feed
             p = torch.softmax(logits.float(), dim=-1)
             token = int(p.argmax())
             drafted.append(token)
             probs.append(float(p[token]))
-            if probs[-1] < cfg.min_confidence:
+            chain *= self.predictor(probs[-1], depth)
+            if chain < cfg.stop_below:
                 break
             feed = [token]
         bridged = self.bridge.to_target(drafted, probs)
+        self.last = (probs, bridged.draft_used[: cfg.num_tokens])
         return Proposal(DraftTree.chain(bridged.target_ids[: cfg.num_tokens]))
 
     def observe(self, session, step: StepResult) -> None:
+        self._learn_acceptance(len(step.acceptance.path))
         generated = session.ids[self.prompt_len :]
         window = generated[-LEARN_WINDOW:]
         texts = self.bridge.target_texts
@@ -119,6 +160,25 @@ class OmniDraftDrafter(Drafter):
             except UnicodeDecodeError:  # the window starts or ends inside a character
                 return
             self.bridge.learn(self.draft_tokenizer(text, add_special_tokens=False).input_ids, window)
+
+    def _learn_acceptance(self, n_accepted: int) -> None:
+        """Draft tokens whose target tokens were all accepted count as accepted; the draft token
+        of the first rejected target token as rejected; later ones were not tested."""
+        if self.last is None:
+            return
+        probs, used = self.last
+        self.last = None
+        if not used or 0 in used:  # re-tokenised text: no token-to-token correspondence
+            return
+        d = 0
+        for k, n in enumerate(used):
+            accepted = k < n_accepted
+            for _ in range(n):
+                if d < len(probs):
+                    self.predictor.update(probs[d], d + 1, accepted)
+                d += 1
+            if not accepted:
+                return
 
     def finish(self) -> None:
         """Save the n-gram cache where `ngram_cache` says."""
