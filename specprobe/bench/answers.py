@@ -6,9 +6,9 @@ A line is one question's answer:
      "choices": [{"index": 0, "turns": [text, ...], "decoding_steps": [...], "new_tokens": [...],
                   "wall_time": [...], "accept_lengths": [[...], ...], "token_ids": [[...], ...]}]}
 
-with one entry per turn in every list. `decoding_steps` counts target forwards; for the
-transformers rows whose forwards are not observable (hf-pld, hf-assisted) it and
-`accept_lengths` hold null. Lines are appended and flushed one at a time, so an interrupted run
+with one entry per turn in every list. `decoding_steps` counts target forwards (for the
+transformers rows, by a forward hook on the target model; null in answer files from before that);
+`accept_lengths` is null for the transformers rows other than `hf`, which do not expose it. Lines are appended and flushed one at a time, so an interrupted run
 loses at most the line being written; readers skip such an incomplete last line.
 """
 

@@ -71,16 +71,21 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
     elif method == "hf-uag":  # the draft's tokenizer may differ: transformers re-tokenises between them
         extra.update(assistant_model=draft_model.model, tokenizer=lm.tokenizer, assistant_tokenizer=draft_model.tokenizer)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    with torch.inference_mode():
-        ids = torch.tensor([prompt_ids], device=lm.model.device)
-        t0 = time.perf_counter()
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **extra)
-        wall = time.perf_counter() - t0
+    forwards = []  # one entry per forward of the target model (the draft model is another module)
+    hook = lm.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=lm.model.device)
+            t0 = time.perf_counter()
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **extra)
+            wall = time.perf_counter() - t0
+    finally:
+        hook.remove()
     new = out[0, len(prompt_ids) :].tolist()
     text = lm.tokenizer.decode(new, skip_special_tokens=True)
     if method == "hf":  # one forward per token: tau is 1 by definition
         return TurnOutput(text, new, len(new), wall, [1] * len(new))
-    return TurnOutput(text, new, None, wall, None)  # assisted forwards are not reported
+    return TurnOutput(text, new, len(forwards), wall, None)  # target forwards counted by a hook; accept lengths not observable
 
 
 def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options: dict, draft_model=None) -> TurnOutput:
