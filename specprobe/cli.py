@@ -34,6 +34,7 @@ METHOD_FLAGS = {
     "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
     "--head": ("head", str, "eagle, confu: a trained head directory (specprobe train-head)"),
     "--depth": ("depth", int, "eagle, confu: head passes per step (the deepest draft)"),
+    "--draft-layers": ("draft_layers", int, "omnidraft: draft with the draft model's first N layers"),
     "--ngram-cache": ("ngram_cache", str, "omnidraft: JSON file the vocabulary bridge's n-gram cache is loaded from and saved to"),
 }
 

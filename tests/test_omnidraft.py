@@ -77,7 +77,16 @@ def test_omnidraft_greedy_parity_gemma3_target_smollm2_drafter(gemma3, smollm2, 
     assert isinstance(json.loads(cache_file.read_text())["entries"], list)
 
 
-def test_omnidraft_bad_options():
+def test_omnidraft_truncated_drafter_is_lossless(gemma3, smollm2):
+    prompt = "The history of the printing press"
+    ar = specprobe.generate(gemma3.model, gemma3.tokenizer, prompt, method="ar", max_new_tokens=16)
+    r = specprobe.generate(gemma3.model, gemma3.tokenizer, prompt, method="omnidraft", max_new_tokens=16, draft_model=smollm2, draft_layers=8)
+    assert r.token_ids == ar.token_ids
+
+
+def test_omnidraft_bad_options(smollm2):
+    with pytest.raises(InvalidOptionError, match="draft_layers"):
+        make_drafter("omnidraft", draft_model=smollm2, draft_layers=99)
     with pytest.raises(InvalidOptionError, match="draft_model"):
         make_drafter("omnidraft")
     with pytest.raises(InvalidOptionError, match="draft_model"):

@@ -15,8 +15,9 @@ Draft KV cache: the committed text is re-tokenised by the drafter every step (a 
 end in the middle of a draft token); the cache keeps the longest prefix of draft tokens that did
 not change (`kv_cache.keep_rows`), so only the tail is fed again.
 
-Not in this slice (issue 6): online distillation of the drafter, the learned acceptance predictor
-for the draft length, and the layer-truncated drafter.
+`draft_layers=N` drafts with the drafter's first N layers and its head (a cheaper drafter).
+
+Not in this slice (issue 6): online distillation of the drafter.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..kv_cache import keep_rows, new_cache
-from ..models import LoadedModel
+from ..models import LoadedModel, truncated_model
 from ..tree import DraftTree
 from ..verify import Target
 from ..vocab_bridge import NGramCache, VocabularyBridge
@@ -36,6 +37,15 @@ from .base import Drafter, Proposal, StepResult
 
 _BRIDGES: dict[tuple[int, int], VocabularyBridge] = {}  # per (draft tokenizer, target tokenizer)
 _PREDICTORS: dict[tuple[int, int], "AcceptancePredictor"] = {}
+_TRUNCATED: dict[tuple[int, int], object] = {}
+
+
+def _truncated(model, n_layers: int):
+    """The drafter's first n layers and its head (models.truncated_model), built once."""
+    key = (id(model), n_layers)
+    if key not in _TRUNCATED:
+        _TRUNCATED[key] = (model, truncated_model(model, n_layers))  # the model kept alive: its id stays its own
+    return _TRUNCATED[key][1]
 
 
 class AcceptancePredictor:
@@ -74,10 +84,15 @@ class OmniDraftConfig:
     num_tokens: int = 4  # draft tokens per step (at most)
     stop_below: float = 0.3  # stop drafting when the predicted chance that the chain is accepted falls below this
     ngram_cache: str | None = None  # a JSON file: the bridge's n-gram cache is loaded from it (if present) and saved to it
+    draft_layers: int | None = None  # draft with only the drafter's first N layers (and its head): a faster drafter
 
     def __post_init__(self):
         if not isinstance(self.draft_model, LoadedModel):
             raise InvalidOptionError("method 'omnidraft' needs draft_model=<a LoadedModel> (specprobe.load(name)): the drafter's tokenizer is needed")
+        if self.draft_layers is not None:
+            n_layers = self.draft_model.model.config.num_hidden_layers
+            if not isinstance(self.draft_layers, int) or isinstance(self.draft_layers, bool) or not 1 <= self.draft_layers <= n_layers:
+                raise InvalidOptionError(f"omnidraft option draft_layers must be an integer in [1, {n_layers}], got {self.draft_layers!r}")
         if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
             raise InvalidOptionError(f"omnidraft option num_tokens must be an integer >= 1, got {self.num_tokens!r}")
         if not isinstance(self.stop_below, (int, float)) or not 0.0 <= self.stop_below < 1.0:
@@ -89,7 +104,10 @@ class OmniDraftDrafter(Drafter):
 
     def __init__(self, config: OmniDraftConfig | None = None, **options):
         self.config = config or OmniDraftConfig(**options)
-        self.draft = Target.of(self.config.draft_model.model)
+        model = self.config.draft_model.model
+        if self.config.draft_layers is not None and self.config.draft_layers < model.config.num_hidden_layers:
+            model = _truncated(model, self.config.draft_layers)
+        self.draft = Target.of(model)
         self.draft_tokenizer = self.config.draft_model.tokenizer
         self.target_tokenizer = None
 
