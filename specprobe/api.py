@@ -56,10 +56,8 @@ def generate(
     drafter = make_drafter(method, **{**tuned, **{k: v for k, v in options.items() if v is not None}})
     prompt_ids = format_prompt(tokenizer, prompt, chat)
     target = Target.of(model)
-    if hasattr(drafter, "set_tokenizer"):  # drafters that bridge two vocabularies read the target's tokenizer
-        drafter.set_tokenizer(tokenizer)
+    drafter.set_tokenizer(tokenizer)
     ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling)
-    if hasattr(drafter, "finish"):
-        drafter.finish()
+    drafter.finish()
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return GenerationResult(text, ids, prompt_ids, stats, stop, method)

@@ -106,20 +106,20 @@ class TextStream:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import generate, load
-    from .drafters import make_drafter
+    from .drafters import DRAFT_MODEL_METHODS, make_drafter
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise SpecProbeError("the prompt is empty")
     options = method_options(args, args.method)
     sampling = sampling_options(args)
-    if args.method in ("draft", "omnidraft"):
+    if args.method in DRAFT_MODEL_METHODS:
         if not args.draft_model:
             raise SpecProbeError(f"--method {args.method} needs --draft-model (a model name, or truncated:N)")
     else:
         make_drafter(args.method, **options)  # validate the options before the slow model load
     lm = load(args.model, dtype=args.dtype, device=args.device)
-    if args.method in ("draft", "omnidraft"):
+    if args.method in DRAFT_MODEL_METHODS:
         from .models import load_draft
 
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
@@ -135,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = result.to_dict()
     record.pop("token_ids")
     record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"}, sampling=sampling)
-    if args.method in ("draft", "omnidraft"):
+    if args.method in DRAFT_MODEL_METHODS:
         record["options"]["draft_model"] = args.draft_model
     if args.compare:
         ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat, **sampling)

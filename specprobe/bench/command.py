@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..drafters import METHODS, make_drafter
+from ..drafters import DRAFT_MODEL_METHODS, METHODS, make_drafter
 from ..errors import InvalidOptionError
 from ..models import load, load_draft
 from .questions import load_questions
@@ -22,7 +22,7 @@ def default_methods() -> list[str]:
     return ["ar", "hf", *[m for m in METHODS if m not in ("ar", *NEEDS_MODEL)]]
 
 
-NEEDS_MODEL = ("draft", "eagle", "confu", "omnidraft")  # methods whose drafter needs a draft model or a trained head
+NEEDS_MODEL = (*DRAFT_MODEL_METHODS, "eagle", "confu")  # methods whose drafter needs a draft model or a trained head
 
 
 def split_list(value: str | None) -> list[str]:
@@ -47,7 +47,7 @@ def run_command(args: argparse.Namespace) -> int:
                 options[m]["head"] = head
         sampling = sampling_options(args)
         for m, o in options.items():
-            if m not in ("draft", "omnidraft"):  # their draft model is not loaded yet
+            if m not in DRAFT_MODEL_METHODS:  # their draft model is not loaded yet
                 make_drafter(m, **o)
         categories = split_list(args.categories) or None
         questions = load_questions(args.questions, categories, args.per_category)

@@ -24,7 +24,7 @@ from ..api import generate
 from ..budget import CostCurve
 from ..profile import target_cost_curve
 from ..verify import Target
-from ..drafters import METHODS
+from ..drafters import DRAFT_MODEL_METHODS, METHODS
 from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
 from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, read_answer_file
@@ -49,7 +49,7 @@ def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
     unknown = [m for m in methods if m not in all_methods()]
     if unknown:
         raise InvalidOptionError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; choose from {', '.join(all_methods())}")
-    needs_draft = [m for m in methods if m in ("hf-assisted", "hf-uag", "draft", "omnidraft")]
+    needs_draft = [m for m in methods if m in ("hf-assisted", "hf-uag", *DRAFT_MODEL_METHODS)]
     if needs_draft and not has_draft_model:
         raise InvalidOptionError(f"method {needs_draft[0]} needs a draft model: pass --draft-model NAME or --draft-model truncated:N")
     return methods
@@ -195,9 +195,7 @@ def run_bench(
     methods = check_methods(methods, draft is not None)
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    run_options = {m: ({**o, "draft_model": draft} if m == "draft" else o) for m, o in method_options.items()}
-    if "omnidraft" in run_options:  # it needs the draft model's tokenizer too
-        run_options["omnidraft"] = {**run_options["omnidraft"], "draft_model": draft_model}
+    run_options = {m: ({**o, "draft_model": draft_model} if m in DRAFT_MODEL_METHODS else o) for m, o in method_options.items()}
     if sampling.get("temperature", 0) > 0:  # every method samples with the same settings
         run_options = {m: {**o, **sampling} for m, o in run_options.items()}
     for m in methods:

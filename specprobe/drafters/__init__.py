@@ -28,6 +28,10 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
 }
 
 
+# methods whose drafter runs a second model, passed as the `draft_model` option (--draft-model)
+DRAFT_MODEL_METHODS = ("draft", "omnidraft")
+
+
 def make_drafter(method: str, **options) -> Drafter:
     """Build the drafter of `method` from keyword options (unknown ones are an error)."""
     if method not in METHODS:
@@ -47,4 +51,4 @@ def make_drafter(method: str, **options) -> Drafter:
     return cls(config_cls(**options))
 
 
-__all__ = ["Acceptance", "Drafter", "Proposal", "StepResult", "METHODS", "make_drafter"]
+__all__ = ["Acceptance", "Drafter", "Proposal", "StepResult", "METHODS", "DRAFT_MODEL_METHODS", "make_drafter"]

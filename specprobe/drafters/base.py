@@ -4,9 +4,11 @@ A drafter proposes, each step, a tree of candidate continuations of the committe
 optionally, auxiliary rows it wants the target to process in the same forward), then observes
 what the target accepted. It never changes which tokens are emitted: the verifier decides that.
 
+    set_tokenizer(tokenizer)  before generation: the target's tokenizer (for drafters that need text)
     start(session)            once, after the prompt is known
     propose(session)          -> Proposal(tree, aux)
     observe(session, step)    after the target's verdict (StepResult)
+    finish()                  after generation (e.g. to save what the drafter learned)
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Drafter:
 
     name = "ar"
 
+    def set_tokenizer(self, tokenizer) -> None:  # protocol hook
+        pass
+
     def start(self, session) -> None:  # noqa: D401 - protocol hook
         pass
 
@@ -65,4 +70,7 @@ class Drafter:
         return Proposal()
 
     def observe(self, session, step: StepResult) -> None:
+        pass
+
+    def finish(self) -> None:  # protocol hook
         pass
