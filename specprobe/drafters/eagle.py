@@ -120,9 +120,10 @@ class EagleDrafter(Drafter):
         self.lm_head = _vocabulary_head(self.head, self.target)
         self.broken = False
 
-    def _head_step(self, features, tokens, positions, visible, plan=None):
+    def _head_step(self, features, tokens, positions, visible, past, plan=None):
+        """One head pass over rows (features, next tokens) after the cached rows `past`."""
         embeds = self.target.embed(tokens).to(self.dtype)  # [n, h]
-        return self.head.step(features, embeds, positions, visible, (self.keys, self.values), plan)
+        return self.head.step(features, embeds, positions, visible, past, plan)
 
     def _plan(self, depth: int) -> torch.Tensor | None:
         if self.plan_features is None:
@@ -149,7 +150,7 @@ class EagleDrafter(Drafter):
         plan = self._plan(1)
         plans = None if plan is None else torch.cat([torch.zeros(m - 1, plan.shape[0]), plan[None]])
         fused = self.head.fuse_features(*self.new_features.to(self.dtype).chunk(3, dim=-1))
-        out, normed, (k, v) = self._head_step(fused, next_tokens, positions, visible, plans)
+        out, normed, (k, v) = self._head_step(fused, next_tokens, positions, visible, (self.keys, self.values), plans)
         self.keys, self.values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)
         self.new_features = None
         C += m
@@ -160,7 +161,6 @@ class EagleDrafter(Drafter):
         outputs = {-1: out[-1]}
         frontier = [len(nodes) + i for i in range(cfg.branching)]
         nodes += [_Node(t, ROOT, s, 1, -1) for t, s in zip(ids[0].tolist(), values[0].tolist())]
-        n_rows = 0
         cutoff = math.log(cfg.min_path_prob) if cfg.min_path_prob > 0 else -math.inf
         for depth in range(2, cfg.depth + 1):
             expand = [i for i in sorted(frontier, key=lambda i: -nodes[i].logp)[: cfg.branching] if nodes[i].logp >= cutoff]
@@ -169,7 +169,7 @@ class EagleDrafter(Drafter):
             n = len(expand)
             feats = torch.stack([outputs[nodes[i].source] for i in expand])  # [n, h]
             tokens = [nodes[i].token for i in expand]
-            past_draft = n_rows
+            past_draft = len(row_of)  # draft rows so far: one per expanded node
             visible = torch.zeros(n, C + past_draft + n, dtype=torch.bool)
             visible[:, :C] = True
             for r, i in enumerate(expand):
@@ -179,12 +179,10 @@ class EagleDrafter(Drafter):
                     a = nodes[a].parent
                 visible[r, C + past_draft + r] = True
             positions = torch.tensor([C - 1 + nodes[i].depth for i in expand])
-            keys = torch.cat([self.keys, *draft_keys], 1)
-            values = torch.cat([self.values, *draft_values], 1)
+            past = (torch.cat([self.keys, *draft_keys], 1), torch.cat([self.values, *draft_values], 1))
             plan = self._plan(depth)
             plans = None if plan is None else plan[None].expand(n, -1)
-            embeds = self.target.embed(tokens).to(self.dtype)
-            out, normed, (k, v) = self.head.step(feats, embeds, positions, visible, (keys, values), plans)
+            out, normed, (k, v) = self._head_step(feats, tokens, positions, visible, past, plans)
             draft_keys.append(k)
             draft_values.append(v)
             values, ids = self._top(normed, cfg.branching)  # [n, branching] each
@@ -195,13 +193,12 @@ class EagleDrafter(Drafter):
                 for t, s in zip(ids[r].tolist(), values[r].tolist()):
                     frontier.append(len(nodes))
                     nodes.append(_Node(t, i, nodes[i].logp + s, depth, past_draft + r))
-            n_rows += n
         # 3. select the best nodes (a child never scores above its parent: the best n form a tree)
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, i))[: cfg.max_budget if self.auto else cfg.budget]
         tree, index, scores = DraftTree(), {}, []
         for i in order:
             index[i] = tree.add(nodes[i].token, ROOT if nodes[i].parent == ROOT else index[nodes[i].parent])
-            scores.append(float(torch.tensor(nodes[i].logp).exp()))
+            scores.append(math.exp(nodes[i].logp))
         if self.auto is not None:
             n = self.auto.size(scores, tree.depths(), rows=lambda n: 1 + n + self._aux_count(tree.prefix(n)))
             tree, scores = tree.prefix(n), scores[:n]
@@ -267,15 +264,15 @@ class EagleDrafter(Drafter):
                 self.plan_features = target_features(out.hidden_states, layers, [layout.aux_row(j) for j in mine]).float()
 
 
-_VOCAB_HEADS: dict[tuple[int, int], tuple[DraftHead, LMHead]] = {}  # (the head, kept alive so its id stays its own; the LM head)
+_VOCAB_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # head -> {Target -> LMHead}
 
 
 def _vocabulary_head(head: DraftHead, target) -> LMHead:
-    """The target's LM head restricted to the head's draft vocabulary, with its kernel plan."""
-    key = (id(head), id(target.head.weight))
-    if key not in _VOCAB_HEADS:
-        _VOCAB_HEADS[key] = (head, LMHead.tuned(head.vocabulary_weight(target.head.weight).contiguous(), target.head.softcap))
-    return _VOCAB_HEADS[key][1]
+    """The target's LM head restricted to the head's draft vocabulary, with its kernel plan (built once)."""
+    per_target = _VOCAB_HEADS.setdefault(head, weakref.WeakKeyDictionary())
+    if target not in per_target:
+        per_target[target] = LMHead.tuned(head.vocabulary_weight(target.head.weight).contiguous(), target.head.softcap)
+    return per_target[target]
 
 
 class ConfuDrafter(EagleDrafter):

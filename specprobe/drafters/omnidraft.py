@@ -23,7 +23,9 @@ Not in this slice (issue 6): online distillation of the drafter.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -35,17 +37,20 @@ from ..verify import Target
 from ..vocab_bridge import NGramCache, VocabularyBridge
 from .base import Drafter, Proposal, StepResult
 
-_BRIDGES: dict[tuple[int, int], VocabularyBridge] = {}  # per (draft tokenizer, target tokenizer)
-_PREDICTORS: dict[tuple[int, int], "AcceptancePredictor"] = {}
-_TRUNCATED: dict[tuple[int, int], object] = {}
+LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
+
+# What one (draft tokenizer, target tokenizer) pair keeps across generations, and truncated drafters;
+# weakly keyed: they go with their tokenizers and models.
+_PAIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft tokenizer -> {target tokenizer -> _Pair}
+_TRUNCATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {n_layers -> truncated model}
 
 
 def _truncated(model, n_layers: int):
     """The drafter's first n layers and its head (models.truncated_model), built once."""
-    key = (id(model), n_layers)
-    if key not in _TRUNCATED:
-        _TRUNCATED[key] = (model, truncated_model(model, n_layers))  # the model kept alive: its id stays its own
-    return _TRUNCATED[key][1]
+    per_model = _TRUNCATED.setdefault(model, {})
+    if n_layers not in per_model:
+        per_model[n_layers] = truncated_model(model, n_layers)
+    return per_model[n_layers]
 
 
 class AcceptancePredictor:
@@ -75,7 +80,12 @@ class AcceptancePredictor:
     def update(self, p: float, depth: int, accepted: bool) -> None:
         g = (1.0 if accepted else 0.0) - self(p, depth)
         self.w = [w + self.lr * g * x for w, x in zip(self.w, self._x(p, depth))]
-LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
+
+
+@dataclass
+class _Pair:
+    bridge: VocabularyBridge
+    predictor: AcceptancePredictor  # keeps learning across generations
 
 
 @dataclass
@@ -118,15 +128,13 @@ class OmniDraftDrafter(Drafter):
     def start(self, session) -> None:
         if self.target_tokenizer is None:
             raise InvalidOptionError("omnidraft needs the target's tokenizer: run it through specprobe.generate")
-        key = (id(self.draft_tokenizer), id(self.target_tokenizer))
-        if key not in _BRIDGES:
-            cache = None
+        per_target = _PAIRS.setdefault(self.draft_tokenizer, weakref.WeakKeyDictionary())
+        if self.target_tokenizer not in per_target:
             path = self.config.ngram_cache
-            if path and __import__("os").path.isfile(path):
-                cache = NGramCache.load(path)
-            _BRIDGES[key] = VocabularyBridge(self.draft_tokenizer, self.target_tokenizer, cache)
-        self.bridge = _BRIDGES[key]
-        self.predictor = _PREDICTORS.setdefault(key, AcceptancePredictor())  # per pair, across generations: it keeps learning
+            cache = NGramCache.load(path) if path and Path(path).is_file() else None
+            per_target[self.target_tokenizer] = _Pair(VocabularyBridge(self.draft_tokenizer, self.target_tokenizer, cache), AcceptancePredictor())
+        pair = per_target[self.target_tokenizer]
+        self.bridge, self.predictor = pair.bridge, pair.predictor
         self.last: tuple[list[float], list[int]] | None = None  # (draft probabilities, draft tokens per target token)
         self.cache = new_cache()
         self.fed: list[int] = []  # draft tokens whose rows are in the draft cache, in order
