@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .draft_head import DraftHead, HeadConfig
 from .errors import InvalidOptionError, SpecProbeError
+from .kernels import LMHead
 
 TOP_K = 8  # target probabilities kept per position
 
@@ -62,7 +62,30 @@ def _messages(record) -> list[dict] | None:
     else:
         return None
     out = [{"role": roles[r], "content": c} for r, c in items if r in roles and isinstance(c, str) and c.strip()]
-    return out if any(m["role"] == "assistant" for m in out) or len(out) >= 1 else None
+    return out or None
+
+
+def _records(f, path: Path):
+    """The records of a JSON list (possibly cut off: its complete records) or of a JSONL file."""
+    first = f.read(1)
+    f.seek(0)
+    if first == "[":  # a JSON list, possibly cut off: decode record by record
+        decoder, buffer = json.JSONDecoder(), f.read()
+        i = buffer.index("[") + 1
+        while True:
+            while i < len(buffer) and buffer[i] in " \r\n\t,":
+                i += 1
+            try:
+                record, i = decoder.raw_decode(buffer, i)
+            except json.JSONDecodeError:
+                return  # the cut-off tail (or the closing bracket)
+            yield record
+    for line_no, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidOptionError(f"{path}:{line_no}: not JSON ({e.msg})") from None
 
 
 def read_chats(data: str, limit: int, skip: int = 0) -> list[list[dict]]:
@@ -73,37 +96,14 @@ def read_chats(data: str, limit: int, skip: int = 0) -> list[list[dict]]:
     chats: list[list[dict]] = []
     seen = 0
     with open(path, encoding="utf-8") as f:
-        first = f.read(1)
-        f.seek(0)
-        if first == "[":  # a JSON list, possibly cut off: decode record by record
-            decoder, buffer = json.JSONDecoder(), f.read()
-            i = buffer.index("[") + 1
-            while len(chats) < limit:
-                while i < len(buffer) and buffer[i] in " \r\n\t,":
-                    i += 1
-                try:
-                    record, i = decoder.raw_decode(buffer, i)
-                except json.JSONDecodeError:
-                    break  # the cut-off tail
-                m = _messages(record)
-                if m:
-                    seen += 1
-                    if seen > skip:
-                        chats.append(m)
-        else:
-            for line_no, line in enumerate(f, 1):
-                if len(chats) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    m = _messages(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InvalidOptionError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-                if m:
-                    seen += 1
-                    if seen > skip:
-                        chats.append(m)
+        for record in _records(f, path) if limit > 0 else ():
+            m = _messages(record)
+            if m:
+                seen += 1
+                if seen > skip:
+                    chats.append(m)
+                    if len(chats) >= limit:
+                        break
     if not chats:
         raise InvalidOptionError(f"--data {data}: no chats found")
     return chats
@@ -165,7 +165,7 @@ def unrolled_loss(head: DraftHead, target, ex: Example, unroll: int, plans: torc
     """
     T = ex.tokens.shape[0]
     n = T - 1  # rows p = 0 .. T-2 (token p+1 exists)
-    vocab_weight = head.vocabulary_weight(target.head.weight).float()  # [draft_vocab, h]
+    lm_head = LMHead(head.vocabulary_weight(target.head.weight).float(), target.head.softcap)  # over the draft vocabulary
     index = torch.full((head.config.vocab_size,), -1, dtype=torch.long)  # target id -> draft-vocabulary index
     index[head.vocab_ids] = torch.arange(len(head.vocab_ids))
     embeds = target.embed(ex.tokens.tolist()).float().clone()  # [T, h]
@@ -174,7 +174,6 @@ def unrolled_loss(head: DraftHead, target, ex: Example, unroll: int, plans: torc
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     eye = torch.eye(n, dtype=torch.bool)
     losses, agreement = [], []
-    w = head.config
     for d in range(unroll):
         valid = n - d  # rows whose token p+d+1 and label position p+d+1 exist
         if valid <= 0:
@@ -186,10 +185,7 @@ def unrolled_loss(head: DraftHead, target, ex: Example, unroll: int, plans: torc
         out, normed, (k, v) = head.step(features, tokens, positions, visible, None if d == 0 else (past_k, past_v), plan)
         past_k = k if d == 0 else torch.cat([past_k, k], 1)
         past_v = v if d == 0 else torch.cat([past_v, v], 1)
-        logits = F.linear(normed[:valid], vocab_weight)  # [valid, draft_vocab]
-        if target.head.softcap is not None:
-            logits = torch.tanh(logits / target.head.softcap) * target.head.softcap
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(lm_head(normed[:valid]), dim=-1)  # [valid, draft_vocab]
         ids = index[ex.top_ids[1 + d : 1 + d + valid]]  # [valid, TOP_K] in the draft vocabulary, -1 outside it
         probs = ex.top_probs[1 + d : 1 + d + valid].float() * (ids >= 0)
         losses.append(-(logp.gather(1, ids.clamp_min(0)) * probs).sum(-1).mean() * (0.8**d))

@@ -19,6 +19,7 @@ draft ['f', 'la', 'ke', ' x'] -> target ['flake'] + direct(' x').
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -137,11 +138,8 @@ class VocabularyBridge:
             for n in range(min(self.cache.max_n, len(draft_ids) - i), 1, -1):
                 hit = self.cache.get(tuple(draft_ids[i : i + n]))
                 if hit is not None:
-                    p = 1.0
-                    for q in draft_probs[i : i + n]:
-                        p *= q
                     out.target_ids.append(hit)
-                    out.probs.append(p)
+                    out.probs.append(math.prod(draft_probs[i : i + n]))
                     out.draft_used.append(n)
                     i += n
                     break
@@ -154,11 +152,8 @@ class VocabularyBridge:
                 else:  # re-tokenise the rest of the draft text at this boundary
                     text = self.draft_tokenizer.decode(draft_ids[i:], skip_special_tokens=True)
                     ids = self.target_tokenizer(text, add_special_tokens=False).input_ids if text else []
-                    p = 1.0
-                    for q in draft_probs[i:]:
-                        p *= q
                     out.target_ids += ids
-                    out.probs += [p] * len(ids)
+                    out.probs += [math.prod(draft_probs[i:])] * len(ids)
                     out.draft_used += [0] * len(ids)
                     break
         return out
