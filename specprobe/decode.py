@@ -36,6 +36,7 @@ class GenerationStats:
     wall_time: float = 0.0
     draft_time: float = 0.0  # in the drafter's propose/observe
     verify_time: float = 0.0  # in target forwards and acceptance
+    adapt_time: float = 0.0  # in the drafter's `finish` after the request (omnidraft: online distillation); part of wall_time
 
     @property
     def tau(self) -> float:
@@ -74,6 +75,7 @@ class GenerationResult:
             "tokens_per_s": s.tokens_per_s,
             "draft_time": s.draft_time,
             "verify_time": s.verify_time,
+            "adapt_time": s.adapt_time,
             "prompt_tokens": s.prompt_tokens,
             "stop_reason": self.stop_reason,
             "token_ids": self.token_ids,

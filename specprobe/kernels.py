@@ -192,7 +192,7 @@ def planned_decoder(decoder: nn.Module) -> nn.Module:
     plans: dict[tuple, dict] = {}
     for name, module in list(copy_.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and min(child.weight.shape) >= 64:  # not LoRA's thin factors
                 key = (tuple(child.weight.shape), child.weight.dtype)
                 if key not in plans:
                     plans[key] = tuned_plan(child.weight)

@@ -1,7 +1,7 @@
 """Every operation on the target's KV cache lives here.
 
 transformers changes its cache classes between versions; the rest of specprobe only calls
-`new_cache`, `cache_length` and `keep_rows`. The cache is a `DynamicCache` made WITHOUT the
+`new_cache`, `cache_length`, `keep_rows` and `prefix_copy`. The cache is a `DynamicCache` made WITHOUT the
 model config, so every layer keeps every position (sliding-window layers too; their window is
 applied through the attention mask instead, see `tree.attention_masks`). That makes the cache a
 plain position-indexed store: position p of the sequence is row p of every layer's keys/values.
@@ -51,6 +51,16 @@ def keep_rows(cache, prefix_len: int, rows: list[int]) -> None:
             if not contiguous:
                 t[:, :, prefix_len : prefix_len + n_keep] = t.index_select(2, src.to(t.device))
             setattr(holder, attr, t[:, :, : prefix_len + n_keep])
+
+
+def prefix_copy(cache, n: int) -> DynamicCache:
+    """A new cache holding copies of the first `n` positions, as ordinary tensors (not inference
+    tensors), so a forward with gradients can attend to them (online distillation)."""
+    out = DynamicCache()
+    with torch.inference_mode(False):
+        for i, (h, k, v) in enumerate(_layers(cache)):
+            out.update(getattr(h, k)[:, :, :n].clone(), getattr(h, v)[:, :, :n].clone(), i)
+    return out
 
 
 def snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

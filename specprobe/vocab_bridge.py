@@ -93,16 +93,22 @@ class NGramCache:
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"max_n": self.max_n, "entries": [[list(k), v] for k, v in self.entries.items()]}))
+    def to_dict(self) -> dict:
+        return {"max_n": self.max_n, "entries": [[list(k), v] for k, v in self.entries.items()]}
 
     @classmethod
-    def load(cls, path: str | Path, max_entries: int = 50_000) -> "NGramCache":
-        raw = json.loads(Path(path).read_text())
+    def from_dict(cls, raw: dict, max_entries: int = 50_000) -> "NGramCache":
         cache = cls(max_entries, raw.get("max_n", 4))
         for k, v in raw["entries"]:
             cache.add(tuple(k), int(v))
         return cache
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path, max_entries: int = 50_000) -> "NGramCache":
+        return cls.from_dict(json.loads(Path(path).read_text()), max_entries)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def test_url_is_downloaded_once(tmp_path, monkeypatch):
 # --- summary math on hand-made answers -------------------------------------------------------
 
 
-def rec(qid, category, method, new, wall, steps, ids=None, lengths=None, bound=(None, None)):
+def rec(qid, category, method, new, wall, steps, ids=None, lengths=None, bound=(None, None), drafts=None, adapt=None):
     """An answer record with one turn."""
     return {
         "question_id": qid,
@@ -97,6 +97,8 @@ def rec(qid, category, method, new, wall, steps, ids=None, lengths=None, bound=(
                 "token_ids": [ids or list(range(new))],
                 "bound_time": [bound[0]],
                 "t1": [bound[1]],
+                "draft_tokens": [drafts],
+                "adapt_time": [adapt],
             }
         ],
         "tstamp": 0.0,
@@ -107,8 +109,8 @@ def hand_made():
     return [
         rec(1, "A", "ar", 12, 1.2, 12),  # 10 tok/s
         rec(2, "B", "ar", 10, 2.0, 10),  # 5 tok/s
-        rec(1, "A", "esp", 12, 0.4, 4, ids=list(range(12)), lengths=[3, 3, 3, 3], bound=(0.6, 0.1)),  # 30 tok/s, tau 3
-        rec(2, "B", "esp", 10, 2.0, 8, ids=[9] * 10, lengths=[2, 2, 1, 1, 1, 1, 1, 1], bound=(1.0, 0.1)),  # 5 tok/s, differs from ar
+        rec(1, "A", "esp", 12, 0.4, 4, ids=list(range(12)), lengths=[3, 3, 3, 3], bound=(0.6, 0.1), drafts=12, adapt=0.1),  # 30 tok/s, tau 3
+        rec(2, "B", "esp", 10, 2.0, 8, ids=[9] * 10, lengths=[2, 2, 1, 1, 1, 1, 1, 1], bound=(1.0, 0.1), drafts=8, adapt=0.5),  # 5 tok/s, differs from ar
         rec(1, "A", "hf-pld", 10, 0.5, None),
         rec(2, "B", "hf-pld", 10, 1.0, None),
         rec(3, "B", "ar", 10, 1.0, 10),  # only ar answered question 3: left out everywhere
@@ -133,8 +135,11 @@ def test_summary_math():
     # bound: new tokens x T(1) / sum of T(rows) = (12 x 0.1 + 10 x 0.1) / (0.6 + 1.0)
     assert esp["overall"]["bound"] == pytest.approx(2.2 / 1.6) and esp["A"]["bound"] == pytest.approx(2.0)
     assert ar["overall"]["bound"] is None and pld["overall"]["bound"] is None  # no cost-curve data
+    # acceptance: accepted draft tokens (new - steps) / draft tokens = (8 + 2) / (12 + 8); per question in run order
+    assert esp["overall"]["acceptance"] == pytest.approx(0.5) and s["acceptance_stream"]["esp"] == pytest.approx([8 / 12, 2 / 8])
+    assert esp["overall"]["adapt_share"] == pytest.approx(0.6 / 2.4) and ar["overall"]["adapt_share"] is None
     md = to_markdown(s)
-    assert "| esp | 1.83 | 17.5 | 2.33x | 1.38x | 170% | 50% | 2 |" in md
+    assert "| esp | 1.83 | 50% | 17.5 | 2.33x | 1.38x | 170% | 50% | 2 |" in md and "esp 25%" in md
     assert "hf-pld: transformers does not report" in md and "1 question(s)" in md
 
 
@@ -152,9 +157,18 @@ def test_write_summary_and_plots(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["methods"]["esp"]["overall"]["speedup"] == pytest.approx(s["methods"]["esp"]["overall"]["speedup"])
     assert set(on_disk["methods"]["esp"]) == {"overall", "A", "B"}
-    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "tokens_per_s", "speedup", "identical_to_ar", "bound", "n"}
-    for name in ("summary.md", "speedup.png", "accept_lengths.png"):
+    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "acceptance", "adapt_share", "tokens_per_s", "speedup", "identical_to_ar", "bound", "n"}
+    for name in ("summary.md", "speedup.png", "accept_lengths.png", "acceptance_stream.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_rolling_mean_doctest():
+    import doctest
+
+    from specprobe.bench import plots
+
+    failed, attempted = doctest.testmod(plots)
+    assert failed == 0 and attempted > 0
 
 
 # --- the runner, with a fake model (no forward passes) ----------------------------------------

@@ -104,3 +104,37 @@ def test_acceptance_predictor_learns_from_the_verdicts():
     for _ in range(100):
         m.update(0.5, 2, False)
     assert m(0.5, 2) < before and m(0.5, 2) < 0.2
+
+
+def test_online_distillation_is_lossless_saves_and_reloads_its_state(gemma3, smollm2, tmp_path):
+    import torch
+
+    path = str(tmp_path / "adapt.pt")
+    prompts = ["The history of the printing press", "Question: How many legs does a spider have?\nAnswer:"]
+    refs = [specprobe.generate(gemma3.model, gemma3.tokenizer, p, method="ar", max_new_tokens=24).token_ids for p in prompts]
+    for prompt, ref in zip(prompts, refs):
+        r = specprobe.generate(gemma3.model, gemma3.tokenizer, prompt, method="omnidraft", max_new_tokens=24, draft_model=smollm2, adapt_state=path)
+        assert r.token_ids == ref, prompt
+        assert r.stats.adapt_time > 0
+    saved = torch.load(path, weights_only=True)
+    assert saved["distiller"]["updates"] == 2 and len(saved["ngram"]["entries"]) > 0
+    adapter = saved["distiller"]["adapter"]
+    assert any(float(t.abs().max()) > 0 for n, t in adapter.items() if "lora_B" in n)  # B starts at zero: it moved
+    # a frozen drafter with that state drafts with the adapter, and stays lossless
+    r = specprobe.generate(gemma3.model, gemma3.tokenizer, prompts[0], method="omnidraft-frozen", max_new_tokens=24, draft_model=smollm2, adapt_state=path)
+    assert r.token_ids == refs[0]
+    frozen = omnidraft._STATES[smollm2.model][gemma3.tokenizer][("omnidraft-frozen", path, 8, 2e-3)]
+    assert all(torch.equal(p, adapter[n]) for n, p in frozen.distiller.params.items())
+    assert torch.load(path, weights_only=True)["distiller"]["updates"] == 2  # frozen: not updated, not saved
+    with pytest.raises(InvalidOptionError, match="another drafter or setting"):
+        specprobe.generate(gemma3.model, gemma3.tokenizer, prompts[0], method="omnidraft-frozen", max_new_tokens=4, draft_model=smollm2, adapt_state=path, adapt_rank=4)
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a state")
+    with pytest.raises(InvalidOptionError, match="cannot read the adapt state"):
+        specprobe.generate(gemma3.model, gemma3.tokenizer, prompts[0], method="omnidraft", max_new_tokens=4, draft_model=smollm2, adapt_state=str(bad))
+
+
+def test_omnidraft_sampling_follows_the_seed_like_plain_decoding(gemma3, smollm2):
+    prompt = "Write one sentence about the sea."
+    run = lambda method, **kw: specprobe.generate(gemma3.model, gemma3.tokenizer, prompt, method=method, max_new_tokens=24, temperature=1.0, seed=7, **kw).token_ids
+    assert run("omnidraft", draft_model=smollm2) == run("ar")

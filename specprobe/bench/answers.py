@@ -37,6 +37,8 @@ class TurnOutput:
     accept_lengths: list[int] | None  # tokens committed per target forward
     bound_time: float | None = None  # sum over forwards of T(rows), from the target's cost curve
     t1: float | None = None  # T(1) of that curve
+    draft_tokens: int | None = None  # draft tokens proposed (tree nodes, summed over forwards); None where not observable
+    adapt_time: float | None = None  # seconds of the wall time spent adapting the drafter after the turn (omnidraft)
 
 
 def safe_name(model: str) -> str:
@@ -73,6 +75,8 @@ def make_record(question: dict, model: str, method: str, turns: list[TurnOutput]
                 "token_ids": [t.token_ids for t in turns],
                 "bound_time": [t.bound_time for t in turns],
                 "t1": [t.t1 for t in turns],
+                "draft_tokens": [t.draft_tokens for t in turns],
+                "adapt_time": [t.adapt_time for t in turns],
             }
         ],
         "tstamp": time.time(),

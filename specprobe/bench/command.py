@@ -60,5 +60,5 @@ def run_command(args: argparse.Namespace) -> int:
             draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings, sampling=sampling,
         )
     print((out / "summary.md").read_text(), end="")
-    print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png", file=sys.stderr)
+    print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png, acceptance_stream.png", file=sys.stderr)
     return 0

@@ -2,6 +2,8 @@
 
 speedup.png         speedup over ar per category and overall, bars grouped by method, 1.0 dashed
 accept_lengths.png  per speculative method, the share of target forwards that committed k tokens
+acceptance_stream.png  per method with drafts, the rolling acceptance rate against question index
+                    (run order): shows a drafter that adapts online improving over the stream
 """
 
 from __future__ import annotations
@@ -86,7 +88,42 @@ def accept_length_plot(summary: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the (up to) window - 1 values before it.
+
+    >>> rolling_mean([1.0, 0.0, 1.0, 0.0], 2)
+    [1.0, 0.5, 0.5, 0.5]
+    """
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def acceptance_stream_plot(summary: dict, path: Path) -> None:
+    """Rolling acceptance rate against question index (run order): does a drafter that adapts
+    online get better over the stream?"""
+    stream = {m: s for m, s in summary.get("acceptance_stream", {}).items() if m not in TRIVIAL}
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    if not stream:
+        _empty(ax, "no method with observed draft tokens")
+    else:
+        n = max(len(s) for s in stream.values())
+        window = max(1, min(20, n // 5))
+        for (m, s), color in zip(stream.items(), _colors(len(stream))):
+            ax.plot(range(1, len(s) + 1), rolling_mean(s, window), label=f"{m} (mean {sum(s) / len(s):.0%})", color=color)
+        ax.set_xlabel("question, in run order")
+        ax.set_ylabel(f"acceptance rate, rolling mean of {window}")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+    fig.suptitle(f"Acceptance over the run: {summary['model']}", fontsize=11)
+    fig.savefig(path)
+
+
 def write_plots(summary: dict, out_dir) -> None:
     out = Path(out_dir)
+    acceptance_stream_plot(summary, out / "acceptance_stream.png")
     speedup_plot(summary, out / "speedup.png")
     accept_length_plot(summary, out / "accept_lengths.png")

@@ -6,6 +6,9 @@ Per method and per category (and overall), a cell holds, as Spec-Bench defines t
     tokens_per_s    mean over answers of (new tokens / wall time), turns summed per answer
     speedup         tokens_per_s of the method / tokens_per_s of `ar` in the same category
     identical_to_ar fraction of answers whose token ids equal ar's for the same question
+    acceptance      accepted draft tokens / proposed draft tokens ((new tokens - steps) / draft tokens:
+                    every step commits one token of the target's own); null where unobserved
+    adapt_share     share of the wall time spent adapting the drafter between requests (omnidraft)
     bound           the speedup the cost curve allows for what the method did: new tokens x T(1) /
                     the sum over its forwards of T(rows), i.e. tau x T(1) / mean T(q), with T the
                     target's measured cost curve (`specprobe profile`); null for transformers' rows
@@ -49,7 +52,12 @@ def cell(records: list[dict], ar: dict | None = None) -> dict:
     turns = [(n, b, t1) for r in records for n, b, t1 in zip(r["choices"][0]["new_tokens"], r["choices"][0].get("bound_time") or [None], r["choices"][0].get("t1") or [None])]
     if turns and all(b and t1 for _, b, t1 in turns):
         bound = sum(n * t1 for n, _, t1 in turns) / sum(b for _, b, _ in turns)
-    return {"tau": tau, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "bound": bound, "n": len(records)}
+    draft = [d for r in records for d in r["choices"][0].get("draft_tokens") or [None]]
+    acceptance = (new - sum(steps)) / sum(draft) if tau is not None and draft and None not in draft and sum(draft) > 0 else None
+    adapt = [a for r in records for a in r["choices"][0].get("adapt_time") or [None]]
+    wall = sum(sum(r["choices"][0]["wall_time"]) for r in records)
+    adapt_share = sum(adapt) / wall if adapt and None not in adapt and wall > 0 and sum(adapt) >= 1e-3 * wall else None  # < 0.1%: not adapting
+    return {"tau": tau, "acceptance": acceptance, "adapt_share": adapt_share, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "bound": bound, "n": len(records)}
 
 
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
@@ -88,6 +96,8 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
         "questions": len(qids),
         "left_out_questions": len(category_of) - len(qids),
         "accept_length_histogram": histogram,
+        # per method with observed drafts, each question's acceptance rate in run order (plots.acceptance_stream_plot)
+        "acceptance_stream": {m: s for m in order if None not in (s := [cell([by_method[m][q]])["acceptance"] for q in qids]) and s},
     }
 
 
@@ -119,14 +129,18 @@ def to_markdown(summary: dict) -> str:
     for m in methods:
         c = cells[m][OVERALL]
         share = c["speedup"] / c["bound"] if c.get("bound") and c["speedup"] is not None else None
-        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
-    lines += _table(["method", "tau", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "n"], rows)
+        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c.get("acceptance"), "pct"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
+    lines += _table(["method", "tau", "acceptance", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "n"], rows)
     for title, key, kind in (("Speedup over ar per category", "speedup", "x"), ("tau (new tokens per target forward) per category", "tau", "tau")):
         rows = [[c] + [_fmt(cells[m][c][key], kind) for m in methods] for c in [*summary["categories"], OVERALL]]
         lines += ["", f"## {title}", ""] + _table(["category", *methods], rows)
     lines += ["", "## Notes", ""]
     lines.append("- tau = new tokens / target forwards (plain decoding: 1.00); tokens/s = mean over answers of new tokens / wall time; speedup = mean tokens/s of the method / mean tokens/s of ar in the same category (Spec-Bench's definitions).")
     lines.append("- bound = new tokens x T(1) / sum over forwards of T(rows): the speedup the target's measured cost curve allows for the trees the method verified (tau x T(1) / T(q)); it leaves out drafting time and attention over contexts longer than the curve's 300 tokens.")
+    lines.append("- acceptance = accepted draft tokens / proposed draft tokens, i.e. (new tokens - forwards) / draft tokens; acceptance_stream.png plots it per question in run order.")
+    adapting = {m: c[OVERALL]["adapt_share"] for m, c in cells.items() if c[OVERALL].get("adapt_share")}
+    if adapting:
+        lines.append("- time spent adapting the drafter between requests (online distillation, inside the wall time): " + ", ".join(f"{m} {_fmt(v, 'pct')}" for m, v in adapting.items()) + ".")
     if "ar" not in cells:
         lines.append("- ar was not run: no speedup and no identical_to_ar.")
     if "hf" in cells:

@@ -95,7 +95,7 @@ def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options
     s = r.stats
     curve = CostCurve.from_dict(target_cost_curve(Target.of(lm.model)))
     bound_time = sum(curve(q) for q in s.step_rows)
-    return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths), bound_time, curve(1))
+    return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths), bound_time, curve(1), sum(s.draft_sizes), s.adapt_time)
 
 
 def run_question(lm, question: dict, method: str, turns: int, max_new_tokens: int, options: dict, draft_model=None) -> list[TurnOutput]:
@@ -190,8 +190,8 @@ def run_bench(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     draft = getattr(draft_model, "model", draft_model)
-    if any(m in methods for m in ("hf-uag", "omnidraft")) and not hasattr(draft_model, "tokenizer"):
-        raise InvalidOptionError("hf-uag and omnidraft need the draft model's tokenizer: pass a LoadedModel (specprobe.load(name))")
+    if any(m in methods for m in ("hf-uag", "omnidraft", "omnidraft-frozen")) and not hasattr(draft_model, "tokenizer"):
+        raise InvalidOptionError("hf-uag and omnidraft(-frozen) need the draft model's tokenizer: pass a LoadedModel (specprobe.load(name))")
     methods = check_methods(methods, draft is not None)
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}

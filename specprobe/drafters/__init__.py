@@ -11,7 +11,7 @@ from .eagle import ConfuDrafter, EagleConfig, EagleDrafter
 from .esp import ESPConfig, ESPDrafter
 from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
-from .omnidraft import OmniDraftConfig, OmniDraftDrafter
+from .omnidraft import OmniDraftConfig, OmniDraftDrafter, OmniDraftFrozenDrafter
 from .prompt_lookup import PLDConfig, PLDDrafter
 
 # method name -> (drafter class, its config dataclass or None)
@@ -25,11 +25,12 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "eagle": (EagleDrafter, EagleConfig),
     "confu": (ConfuDrafter, EagleConfig),
     "omnidraft": (OmniDraftDrafter, OmniDraftConfig),
+    "omnidraft-frozen": (OmniDraftFrozenDrafter, OmniDraftConfig),
 }
 
 
 # methods whose drafter runs a second model, passed as the `draft_model` option (--draft-model)
-DRAFT_MODEL_METHODS = ("draft", "omnidraft")
+DRAFT_MODEL_METHODS = ("draft", "omnidraft", "omnidraft-frozen")
 
 
 def make_drafter(method: str, **options) -> Drafter:

@@ -17,11 +17,17 @@ not change (`kv_cache.keep_rows`), so only the tail is fed again.
 
 `draft_layers=N` drafts with the drafter's first N layers and its head (a cheaper drafter).
 
-Not in this slice (issue 6): online distillation of the drafter.
+Online distillation (distill.py): method `omnidraft` records, for every generated token, the
+target's distribution over the directly mapped vocabulary (from the verification forward it ran
+anyway), and after the request makes one LoRA update of the drafter with the hybrid loss, reusing
+the drafter's KV cache of the prompt. `omnidraft-frozen` drafts with the same drafter, never
+updated. What a (drafter, target) pair learns (n-gram cache, acceptance model, adapter) lasts for
+the process; `adapt_state=PATH` saves it after every request and loads it at the first one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -29,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from ..distill import DistillConfig, OnlineDistiller, align_for_distillation
 from ..errors import InvalidOptionError
-from ..kv_cache import keep_rows, new_cache
+from ..kv_cache import cache_length, keep_rows, new_cache
 from ..models import LoadedModel, truncated_model
 from ..tree import DraftTree
 from ..verify import Target
@@ -38,10 +45,11 @@ from ..vocab_bridge import NGramCache, VocabularyBridge
 from .base import Drafter, Proposal, StepResult
 
 LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
+STATE_VERSION = 1
 
-# What one (draft tokenizer, target tokenizer) pair keeps across generations, and truncated drafters;
-# weakly keyed: they go with their tokenizers and models.
-_PAIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft tokenizer -> {target tokenizer -> _Pair}
+# Weakly keyed by the objects they belong to, so they go with them:
+_BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft tokenizer -> {target tokenizer -> VocabularyBridge}
+_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft model -> {target tokenizer -> {key -> _State}}
 _TRUNCATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {n_layers -> truncated model}
 
 
@@ -51,6 +59,16 @@ def _truncated(model, n_layers: int):
     if n_layers not in per_model:
         per_model[n_layers] = truncated_model(model, n_layers)
     return per_model[n_layers]
+
+
+def _bridge(draft_tokenizer, target_tokenizer) -> VocabularyBridge:
+    """A new bridge with an empty n-gram cache (the tokenizers' tables are computed once)."""
+    per_target = _BRIDGES.setdefault(draft_tokenizer, weakref.WeakKeyDictionary())
+    if target_tokenizer not in per_target:
+        per_target[target_tokenizer] = VocabularyBridge(draft_tokenizer, target_tokenizer)
+    bridge = copy.copy(per_target[target_tokenizer])
+    bridge.cache = NGramCache()
+    return bridge
 
 
 class AcceptancePredictor:
@@ -83,9 +101,35 @@ class AcceptancePredictor:
 
 
 @dataclass
-class _Pair:
+class _State:
+    """What one (drafter, target) pair learns across generations."""
+
     bridge: VocabularyBridge
-    predictor: AcceptancePredictor  # keeps learning across generations
+    predictor: AcceptancePredictor
+    draft: Target  # the model that drafts: the adapted copy when there is an adapter
+    distiller: OnlineDistiller | None = None
+    shared_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (draft ids [n], target ids [n]) of the direct map
+
+    def save(self, path: str, meta: dict) -> None:
+        state = {"version": STATE_VERSION, "meta": meta, "predictor": self.predictor.w,
+                 "ngram": self.bridge.cache.to_dict(), "distiller": self.distiller.state_dict() if self.distiller else None}
+        tmp = Path(f"{path}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # never a half-written state file
+
+    def load(self, path: str, meta: dict) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+            raise InvalidOptionError(f"cannot read the adapt state {path}: {e}") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise InvalidOptionError(f"{path} is not a specprobe omnidraft adapt state (version {STATE_VERSION})")
+        if state["meta"] != meta:
+            raise InvalidOptionError(f"{path} was saved for another drafter or setting ({state['meta']}), not {meta}; use another --adapt-state file")
+        self.predictor.w = list(state["predictor"])
+        self.bridge.cache = NGramCache.from_dict(state["ngram"])
+        if self.distiller is not None and state["distiller"] is not None:
+            self.distiller.load_state_dict(state["distiller"], path)
 
 
 @dataclass
@@ -95,6 +139,9 @@ class OmniDraftConfig:
     stop_below: float = 0.3  # stop drafting when the predicted chance that the chain is accepted falls below this
     ngram_cache: str | None = None  # a JSON file: the bridge's n-gram cache is loaded from it (if present) and saved to it
     draft_layers: int | None = None  # draft with only the drafter's first N layers (and its head): a faster drafter
+    adapt_state: str | None = None  # a file: the adapter, optimizer, n-gram cache and acceptance model, loaded if present, saved after each request
+    adapt_lr: float = 2e-3  # learning rate of the online distillation
+    adapt_rank: int = 8  # LoRA rank of the online distillation
 
     def __post_init__(self):
         if not isinstance(self.draft_model, LoadedModel):
@@ -107,17 +154,22 @@ class OmniDraftConfig:
             raise InvalidOptionError(f"omnidraft option num_tokens must be an integer >= 1, got {self.num_tokens!r}")
         if not isinstance(self.stop_below, (int, float)) or not 0.0 <= self.stop_below < 1.0:
             raise InvalidOptionError(f"omnidraft option stop_below must be in [0, 1), got {self.stop_below!r}")
+        if self.adapt_state is not None and Path(self.adapt_state).is_dir():
+            raise InvalidOptionError(f"omnidraft option adapt_state must be a file path, {self.adapt_state} is a directory")
+        self.distill = DistillConfig(rank=self.adapt_rank, lr=self.adapt_lr)  # validates both
 
 
 class OmniDraftDrafter(Drafter):
+    """Adapts the drafter online (see the module docstring); OmniDraftFrozenDrafter does not."""
+
     name = "omnidraft"
+    adapts = True
 
     def __init__(self, config: OmniDraftConfig | None = None, **options):
         self.config = config or OmniDraftConfig(**options)
-        model = self.config.draft_model.model
-        if self.config.draft_layers is not None and self.config.draft_layers < model.config.num_hidden_layers:
-            model = _truncated(model, self.config.draft_layers)
-        self.draft = Target.of(model)
+        self.draft_model = self.config.draft_model.model
+        if self.config.draft_layers is not None and self.config.draft_layers < self.draft_model.config.num_hidden_layers:
+            self.draft_model = _truncated(self.draft_model, self.config.draft_layers)
         self.draft_tokenizer = self.config.draft_model.tokenizer
         self.target_tokenizer = None
 
@@ -125,20 +177,46 @@ class OmniDraftDrafter(Drafter):
         """The target's tokenizer (the API passes it before generation starts)."""
         self.target_tokenizer = tokenizer
 
+    def _meta(self) -> dict:
+        cfg = self.draft_model.config
+        return {"drafter": getattr(cfg, "_name_or_path", "") or type(self.draft_model).__name__, "layers": cfg.num_hidden_layers,
+                "hidden": cfg.hidden_size, "vocab": len(self.draft_tokenizer), "target_vocab": len(self.target_tokenizer),
+                "rank": self.config.adapt_rank}
+
+    def _state(self) -> _State:
+        """This pair's state for this method and settings, made (and loaded from adapt_state) once per process."""
+        cfg = self.config
+        per_target = _STATES.setdefault(self.draft_model, weakref.WeakKeyDictionary()).setdefault(self.target_tokenizer, {})
+        key = (self.name, cfg.adapt_state, cfg.adapt_rank, cfg.adapt_lr)
+        if key not in per_target:
+            load = cfg.adapt_state and Path(cfg.adapt_state).is_file()
+            distiller = OnlineDistiller(self.draft_model, cfg.distill) if (self.adapts or load) else None
+            bridge = _bridge(self.draft_tokenizer, self.target_tokenizer)
+            state = _State(bridge, AcceptancePredictor(), Target.of(distiller.draft_model if distiller else self.draft_model), distiller)
+            if distiller is not None:
+                draft_ids, target_ids = {}, {}
+                for d, t in sorted(bridge.direct.items()):
+                    target_ids.setdefault(t, d)  # one draft id per target id
+                pairs = sorted((d, t) for t, d in target_ids.items())
+                state.shared_ids = (torch.tensor([d for d, _ in pairs]), torch.tensor([t for _, t in pairs]))
+            if load:
+                state.load(cfg.adapt_state, self._meta())
+            if cfg.ngram_cache and Path(cfg.ngram_cache).is_file():
+                state.bridge.cache = NGramCache.load(cfg.ngram_cache)
+            per_target[key] = state
+        return per_target[key]
+
     def start(self, session) -> None:
         if self.target_tokenizer is None:
             raise InvalidOptionError("omnidraft needs the target's tokenizer: run it through specprobe.generate")
-        per_target = _PAIRS.setdefault(self.draft_tokenizer, weakref.WeakKeyDictionary())
-        if self.target_tokenizer not in per_target:
-            path = self.config.ngram_cache
-            cache = NGramCache.load(path) if path and Path(path).is_file() else None
-            per_target[self.target_tokenizer] = _Pair(VocabularyBridge(self.draft_tokenizer, self.target_tokenizer, cache), AcceptancePredictor())
-        pair = per_target[self.target_tokenizer]
-        self.bridge, self.predictor = pair.bridge, pair.predictor
+        self.state = self._state()
+        self.bridge, self.predictor, self.draft = self.state.bridge, self.state.predictor, self.state.draft
         self.last: tuple[list[float], list[int]] | None = None  # (draft probabilities, draft tokens per target token)
         self.cache = new_cache()
         self.fed: list[int] = []  # draft tokens whose rows are in the draft cache, in order
+        self.session = session
         self.prompt_len = len(session.ids)
+        self.target_logprobs: list[torch.Tensor] = []  # per step, [emitted, n_shared]: the target's distributions (adapting only)
 
     def _text(self, target_ids: list[int]) -> str:
         return self.target_tokenizer.decode(target_ids, skip_special_tokens=True)
@@ -149,10 +227,7 @@ class OmniDraftDrafter(Drafter):
         context = self.draft_tokenizer(self._text(session.ids), add_special_tokens=False).input_ids
         if not context:
             return Proposal()
-        common = 0
-        while common < min(len(context), len(self.fed)) and context[common] == self.fed[common]:
-            common += 1
-        common = min(common, len(context) - 1)  # feed at least one token
+        common = min(_common_prefix(context, self.fed), len(context) - 1)  # feed at least one token
         room = self.draft.max_length - len(context) - 1
         if room < 1:
             return Proposal()
@@ -177,6 +252,11 @@ class OmniDraftDrafter(Drafter):
 
     def observe(self, session, step: StepResult) -> None:
         self._learn_acceptance(len(step.acceptance.path))
+        if self.adapts and step.emitted:
+            # the row that predicted emitted[0] is the root, emitted[i] the accepted node i - 1
+            rows = [0] + [1 + n for n in step.acceptance.path][: len(step.emitted) - 1]
+            logits = step.output.logits[rows][:, self.state.shared_ids[1]]  # [emitted, n_shared]
+            self.target_logprobs.append(torch.log_softmax(logits.float(), dim=-1))
         generated = session.ids[self.prompt_len :]
         window = generated[-LEARN_WINDOW:]
         texts = self.bridge.target_texts
@@ -206,7 +286,53 @@ class OmniDraftDrafter(Drafter):
             if not accepted:
                 return
 
+    def distill(self) -> float | None:
+        """One update of the adapter on this request's output (see distill.py); returns the loss,
+        or None when the request taught nothing (no output, or text the two tokenizers cannot align)."""
+        state, session = self.state, self.session
+        if state.distiller is None or not self.target_logprobs:
+            return None
+        generated = session.ids[self.prompt_len :]
+        texts = self.bridge.target_texts
+        n_known = next((i for i, t in enumerate(generated) if not 0 <= t < len(texts) or texts[t] is None), len(generated))
+        cut = max(0, n_known - state.distiller.config.max_tokens)
+        target_ids = generated[cut:n_known]
+        text = self._text(session.ids).encode("utf-8")
+        gen_bytes = b"".join(texts[t] for t in target_ids)
+        draft_ids = self.draft_tokenizer(self._text(session.ids), add_special_tokens=False).input_ids
+        draft_lengths = [len(self.bridge.draft_texts[d] or b"") for d in draft_ids]
+        if not target_ids or not text.endswith(gen_bytes) or sum(draft_lengths) != len(text) or None in (self.bridge.draft_texts[d] for d in draft_ids):
+            return None  # the tokenizers' texts do not line up byte for byte
+        alignment = align_for_distillation(
+            draft_ids, draft_lengths, target_ids, [len(texts[t]) for t in target_ids], len(text) - len(gen_bytes), self.bridge.direct
+        )
+        items = [j for j, _ in alignment.kl] + alignment.nll
+        if not items:
+            return None
+        past_len = min(_common_prefix(draft_ids, self.fed), cache_length(self.cache), min(items) - 1)
+        logprobs = torch.cat(self.target_logprobs)[cut:n_known]  # [len(target_ids), n_shared]
+        return state.distiller.update(draft_ids, past_len, self.cache, alignment, logprobs, state.shared_ids[0])
+
     def finish(self) -> None:
-        """Save the n-gram cache where `ngram_cache` says."""
+        """After a request: the online update (omnidraft), then save what the pair learned where
+        `adapt_state` / `ngram_cache` say."""
+        if self.adapts:
+            self.distill()
+            if self.config.adapt_state:
+                self.state.save(self.config.adapt_state, self._meta())
         if self.config.ngram_cache:
             self.bridge.cache.save(self.config.ngram_cache)
+
+
+class OmniDraftFrozenDrafter(OmniDraftDrafter):
+    """OmniDraft without online distillation (the drafter as loaded, or as `adapt_state` left it)."""
+
+    name = "omnidraft-frozen"
+    adapts = False
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
