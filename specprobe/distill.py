@@ -174,10 +174,12 @@ class OnlineDistiller:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Copy base + LoRA delta into the drafting twin's weights (after every change of the adapter)."""
+        """Write base + scaling x B @ A into the drafting twin's weights (after every change of the
+        adapter): one pass over each weight, no temporary delta matrix."""
         with torch.inference_mode(False):
             for linear, lora in self._merged:
-                linear.weight.copy_(lora.get_base_layer().weight + lora.get_delta_weight("default"))
+                a, b = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach()  # [r, in], [out, r]
+                torch.addmm(lora.get_base_layer().weight, b, a, alpha=lora.scaling["default"], out=linear.weight)
 
     def update(
         self,

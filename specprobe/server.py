@@ -411,8 +411,8 @@ def create_app(served: Served):
 
 def run_command(args) -> int:
     from .cli import method_options
-    from .drafters import make_drafter
-    from .models import load
+    from .drafters import DRAFT_MODEL_METHODS, make_drafter
+    from .models import load, load_draft
 
     try:
         import uvicorn  # noqa: F401
@@ -424,8 +424,15 @@ def run_command(args) -> int:
     if not 0 < args.port < 65536:
         raise InvalidOptionError(f"--port must be in 1..65535, got {args.port}")
     options = method_options(args, args.method)
-    make_drafter(args.method, **options)  # bad options fail before the model loads
+    if args.method in DRAFT_MODEL_METHODS:
+        if not args.draft_model:
+            raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
+    else:
+        make_drafter(args.method, **options)  # bad options fail before the model loads
     lm = load(args.model, dtype=args.dtype, device=args.device)
+    if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
+        options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
+        make_drafter(args.method, **options)
     served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue)
     import uvicorn
 
@@ -435,9 +442,12 @@ def run_command(args) -> int:
 
 
 def add_parser(sub, add_model_args, add_method_args) -> None:
+    from .drafters import METHODS
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--method", default="esp", choices=["ar", "esp", "pld", "lookahead", "hybrid"], help="decoding method (default esp)")
+    p.add_argument("--method", default="esp", choices=list(METHODS), help="decoding method (default esp)")
+    p.add_argument("--draft-model", help="draft model for draft, omnidraft and omnidraft-frozen: a model name, or truncated:N")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 429 (default 8)")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -135,6 +137,15 @@ class VocabularyBridge:
         encoded = target_tokenizer([t for _, t in shared], add_special_tokens=False).input_ids if shared else []
         self.direct = {i: ids[0] for (i, _), ids in zip(shared, encoded) if len(ids) == 1}
         self.cache = cache or NGramCache()
+
+    def shared_vocabulary(self):
+        """(draft ids [n], target ids [n]) of the direct map, one draft id per target id, sorted by
+        draft id: the vocabulary on which the two models' distributions can be compared."""
+        first: dict[int, int] = {}
+        for d, t in sorted(self.direct.items()):
+            first.setdefault(t, d)
+        pairs = sorted((d, t) for t, d in first.items())
+        return torch.tensor([d for d, _ in pairs]), torch.tensor([t for _, t in pairs])
 
     def to_target(self, draft_ids: list[int], draft_probs: list[float]) -> Bridged:
         """Target tokens for a chain of draft tokens (cache, then direct map, then re-tokenisation)."""

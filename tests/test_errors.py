@@ -49,6 +49,7 @@ def test_cli_bad_option_fails_before_loading():
     assert_one_line_error(run_cli("generate", "--method", "pld", "--max-ngram", "0", "hi"), "max_ngram")
     assert_one_line_error(run_cli("generate", "--method", "draft", "hi"), "--draft-model")
     assert_one_line_error(run_cli("generate", "--method", "eagle", "hi"), "--head")
+    assert_one_line_error(run_cli("serve", "--method", "omnidraft"), "--draft-model")
     assert_one_line_error(run_cli("train-head", "--data", "/no/such/chats.jsonl", "--out", "x"), "no such file")
     assert_one_line_error(run_cli("train-head", "--epochs", "0", "--out", "x"), "--epochs")
 

@@ -43,6 +43,9 @@ def test_direct_map_uses_the_targets_own_token(bridge, smollm2, gemma3):
     assert len(the_draft) == len(the_target) == 1 and bridge.direct[the_draft[0]] == the_target[0]
     comma = smollm2.tokenizer(",", add_special_tokens=False).input_ids[0]
     assert bridge.direct[comma] == gemma3.tokenizer(",", add_special_tokens=False).input_ids[0]
+    draft_ids, target_ids = bridge.shared_vocabulary()  # the vocabulary online distillation compares on
+    assert len(set(target_ids.tolist())) == len(target_ids) > 20_000
+    assert all(bridge.direct[d] == t for d, t in zip(draft_ids.tolist(), target_ids.tolist()))
 
 
 def test_the_cache_learns_merges_and_the_bridge_then_reproduces_the_target_tokens(smollm2, gemma3):

@@ -178,10 +178,14 @@ class OmniDraftDrafter(Drafter):
         self.target_tokenizer = tokenizer
 
     def _meta(self) -> dict:
+        """What an adapt state must match: the drafter (by shape and a checksum of its embedding,
+        not by path), the target's vocabulary and the LoRA rank."""
         cfg = self.draft_model.config
-        return {"drafter": getattr(cfg, "_name_or_path", "") or type(self.draft_model).__name__, "layers": cfg.num_hidden_layers,
-                "hidden": cfg.hidden_size, "vocab": len(self.draft_tokenizer), "target_vocab": len(self.target_tokenizer),
-                "rank": self.config.adapt_rank}
+        with torch.no_grad():
+            checksum = float(self.draft_model.get_input_embeddings().weight.double().abs().sum())
+        return {"drafter": type(self.draft_model).__name__, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                "embedding_checksum": float(f"{checksum:.6g}"), "vocab": len(self.draft_tokenizer),
+                "target_vocab": len(self.target_tokenizer), "rank": self.config.adapt_rank}
 
     def _state(self) -> _State:
         """This pair's state for this method and settings, made (and loaded from adapt_state) once per process."""
@@ -194,11 +198,7 @@ class OmniDraftDrafter(Drafter):
             bridge = _bridge(self.draft_tokenizer, self.target_tokenizer)
             state = _State(bridge, AcceptancePredictor(), Target.of(distiller.draft_model if distiller else self.draft_model), distiller)
             if distiller is not None:
-                draft_ids, target_ids = {}, {}
-                for d, t in sorted(bridge.direct.items()):
-                    target_ids.setdefault(t, d)  # one draft id per target id
-                pairs = sorted((d, t) for t, d in target_ids.items())
-                state.shared_ids = (torch.tensor([d for d, _ in pairs]), torch.tensor([t for _, t in pairs]))
+                state.shared_ids = bridge.shared_vocabulary()
             if load:
                 state.load(cfg.adapt_state, self._meta())
             if cfg.ngram_cache and Path(cfg.ngram_cache).is_file():
