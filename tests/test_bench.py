@@ -197,6 +197,7 @@ QS = [q(1, "a", "first?", "second?"), q(2, "b"), q(3, "a", "x?", "y?"), q(4, "b"
 def test_answer_files_and_interleaving(tmp_path, fake_turns):
     run_bench(FakeLM(), QS[:2], ["ar", "esp"], tmp_path, max_new_tokens=4, turns=2, progress=False)
     assert fake_turns[0][0] == "ar" and fake_turns[1][0] == "esp"  # one warm-up per method
+    assert fake_turns[0][1] == [runner.WARMUP_PROMPT] and all(t[1] != [runner.WARMUP_PROMPT] for t in fake_turns[2:])  # never on a question
     runs = [m for m, msgs in fake_turns[2:] if len(msgs) == 1]
     assert runs == ["ar", "esp", "ar", "esp"]  # question by question, methods in turn
     assert ("ar", ["first?", "answer 3", "second?"]) in fake_turns  # turn 2 sees turn 1's answer
