@@ -113,7 +113,7 @@ def acceptance_stream_plot(summary: dict, path: Path) -> None:
         n = max(len(s) for s in stream.values())
         window = max(1, min(20, n // 5))
         for (m, s), color in zip(stream.items(), _colors(len(stream))):
-            ax.plot(range(1, len(s) + 1), rolling_mean(s, window), label=f"{m} (mean {sum(s) / len(s):.0%})", color=color)
+            ax.plot(range(1, len(s) + 1), rolling_mean(s, window), label=f"{m} (mean per question {sum(s) / len(s):.0%})", color=color)
         ax.set_xlabel("question, in run order")
         ax.set_ylabel(f"acceptance rate, rolling mean of {window}")
         ax.grid(alpha=0.3)
