@@ -128,6 +128,10 @@ def test_source_rates_move_from_the_prior():
     assert r.rate("pld#0", 1) == pytest.approx((8 + 1.2) / 10)
     assert r.rate("pld#0", 2) == pytest.approx(0.6)  # depths are counted apart
     assert r.rate("pld#1", 1) == pytest.approx(0.3)  # and ranks
+    assert r.rate("pld#0@copy", 1) == pytest.approx(0.85)  # copy mode starts higher, counted apart
+    r.update("pld#0@copy", 1, False)
+    assert r.rate("pld#0@copy", 1) == pytest.approx(1.7 / 3)
+    assert r.rate("pld#0", 1) == pytest.approx((8 + 1.2) / 10)
 
 
 # -- losslessness ---------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ and scores every node with an estimate of the probability that the target accept
 the product, along the path, of the node's conditional acceptance estimate, which is for ESP its
 mask probability times ESP's calibration factor, and for pld and pool the acceptance rate measured
 so far in this generation for that source, at that depth and rank of the candidate among the
-source's own (nodes tested = parent accepted). The
-sources' trees are merged into one trie (`merge_scored`): a node proposed by several sources keeps
-its best score. The first n nodes by score form the tree, n chosen by the hardware-aware budget
+source's own (nodes tested = parent accepted). Steps in *copy mode* keep rates of their own: when
+the previous step accepted at least COPY_RUN tokens that a copying source (pld or pool) proposed,
+the text is likely inside a repeated passage, where copied drafts are accepted far more often than
+on average (greedy answers that repeat their context make long runs of such steps). The sources'
+trees are merged into one trie (`merge_scored`): a node proposed by several sources keeps its best
+score. The first n nodes by score form the tree, n chosen by the hardware-aware budget
 (budget.py) from the target's cost curve, or fixed with `budget=N`. ESP's mask rows follow the
 root and every node ESP proposed (not the copied ones: rows are what a forward costs on a CPU), so
 next step's ESP candidates are computed in this forward unless a copied node ends the accepted path.
@@ -38,6 +41,8 @@ PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any eviden
 PRIOR_WEIGHT = 2.0
 MAX_DEPTH_BUCKET = 16  # acceptance rates are kept per depth up to this one
 MAX_RANK_BUCKET = 2  # ... and per rank of a source's candidate: 0, 1, 2 and beyond
+COPY_RUN = 2  # accepted copied tokens in a step that put the next step in copy mode
+COPY_PRIOR = 0.85  # the acceptance rate assumed in copy mode before any evidence
 
 
 @dataclass
@@ -119,10 +124,12 @@ class SourceRates:
         self.counts: dict[tuple[str, int], list[float]] = {}
 
     def rate(self, source: str, depth: int) -> float:
-        """source: "pld#0" (the best-ranked continuation), "pld#1", "pool#0", ..."""
+        """source: "pld#0" (the best-ranked continuation), "pld#1", "pool#0", ...; "pld#0@copy": the
+        same in copy mode."""
         acc, tested = self.counts.get((source, min(depth, MAX_DEPTH_BUCKET)), (0.0, 0.0))
-        name, _, rank = source.partition("#")
-        prior = PRIORS[name] * (0.5 if rank not in ("", "0") else 1.0)
+        name, _, rest = source.partition("#")
+        rank, _, mode = rest.partition("@")
+        prior = (COPY_PRIOR if mode == "copy" else PRIORS[name]) * (0.5 if rank not in ("", "0") else 1.0)
         return (acc + prior * PRIOR_WEIGHT) / (tested + PRIOR_WEIGHT)
 
     def update(self, source: str, depth: int, accepted: bool) -> None:
@@ -148,6 +155,7 @@ class HybridDrafter(Drafter):
         self.rates = SourceRates()
         self.auto = AutoBudget(session.target) if c.budget == "auto" else None
         self.esp_depths_before = []
+        self.copy_mode = False
 
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config
@@ -165,6 +173,8 @@ class HybridDrafter(Drafter):
         ):
             for rank, seq in enumerate(seqs):
                 label = f"{source}#{min(rank, MAX_RANK_BUCKET)}"  # the first-ranked candidate is measured apart
+                if self.copy_mode:
+                    label += "@copy"
                 score, scores = 1.0, []
                 for d in range(1, len(seq) + 1):
                     score *= self.rates.rate(label, d)
@@ -206,6 +216,8 @@ class HybridDrafter(Drafter):
                     esp_acc += i in on_path
             if self.auto is not None:
                 self.auto.calibration.update(esp_pred, esp_acc)
+        copied = sum(1 for i in path if any(src != "esp" for src in self.sources[i])) if len(tree) else 0
+        self.copy_mode = copied >= COPY_RUN
         self.esp.observe(session, step)  # next step's ESP candidates from the masks at the last accepted node
         self.pool.add_text(session.ids, self.pooled_upto)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
