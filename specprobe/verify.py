@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import use_grouped_attention
 from .errors import InvalidOptionError
 from .kernels import LMHead, planned_decoder
 from .kv_cache import cache_length
@@ -45,7 +46,8 @@ class Target:
 
     def __init__(self, model, kernels: str = "planned"):
         """kernels: "planned" (each matrix product runs the kernel measured fastest for its number
-        of rows on this machine, see kernels.py) or "linear" (transformers' own F.linear)."""
+        of rows on this machine, see kernels.py; grouped-query attention without copying the
+        cache, see attention.py) or "linear" (transformers' own F.linear and attention)."""
         if kernels not in KERNEL_MODES:
             raise InvalidOptionError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
         self.model = model
@@ -58,6 +60,8 @@ class Target:
         head, softcap = model.get_output_embeddings().weight, getattr(cfg, "final_logit_softcapping", None)
         if kernels == "planned":
             self.decoder = planned_decoder(model.get_decoder())  # the model without its LM head
+            if self.decoder is not model.get_decoder():  # a copy with its own config
+                use_grouped_attention(self.decoder)  # tree rows attend without copying the cache
             self.head = LMHead.tuned(head, softcap)
         else:
             self.decoder = model.get_decoder()

@@ -78,6 +78,38 @@ def test_planned_target_agrees_with_transformers_kernels(smollm2):
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
 
 
+class _Group(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+@pytest.mark.parametrize("q,mask", [(1, None), (1, "additive"), (6, "additive"), (6, "bool"), (6, None)])
+def test_grouped_attention_equals_transformers_sdpa(q, mask):
+    """Folding a group's query heads into rows attends exactly as repeating the cached keys does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from specprobe.attention import grouped_sdpa
+
+    gen = torch.Generator().manual_seed(q)
+    keys = 40
+    query = torch.randn(1, 9, q, 16, generator=gen)
+    key, value = torch.randn(1, 3, keys, 16, generator=gen), torch.randn(1, 3, keys, 16, generator=gen)
+    allowed = torch.rand(q, keys, generator=gen) < 0.6
+    allowed[:, 0] = True  # every row sees at least one key
+    attn_mask = {None: None, "bool": allowed[None, None], "additive": torch.where(allowed, 0.0, float("-inf"))[None, None]}[mask]
+    out, _ = grouped_sdpa(_Group(), query, key, value, attn_mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(_Group(), query, key, value, attn_mask, scaling=0.25)
+    assert out.shape == ref.shape == (1, q, 9, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_attention_is_set_on_the_engine_copy_only(smollm2):
+    from specprobe.attention import NAME
+
+    assert Target.of(smollm2.model).decoder.config._attn_implementation == NAME
+    assert smollm2.model.config._attn_implementation == "sdpa"
+    assert Target(smollm2.model, kernels="linear").decoder.config._attn_implementation == "sdpa"
+
+
 def test_bad_kernels_mode(smollm2):
     with pytest.raises(specprobe.errors.InvalidOptionError):
         Target(smollm2.model, kernels="fast")

@@ -1,0 +1,76 @@
+"""Attention over the KV cache for many new rows without copying the cache (issue 9).
+
+With grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads; Gemma3: 4 share 1)
+transformers' SDPA path repeats every cached key and value once per query head sharing it
+(`repeat_kv`) whenever more than one row is new and a mask is given: a verification forward over
+a 1500-token cache then copies the whole cache three or four times in every layer. For one new
+row transformers already avoids the copy by folding the query heads of a group into rows; this
+module does the same for q rows:
+
+    query  [batch, heads, q, dim]      -> [batch, kv_heads, group * q, dim]   (a view: no copy)
+    mask   [batch, 1, q, keys]         -> [batch, 1, group * q, keys]          (tiled; small)
+
+so row r * q + i of key/value head g is query head g * group + r at position i, which sees the
+same keys through the same mask row i. Each output is the same softmax-weighted sum over the same
+dot products as before (the SDPA kernel is the same; measured max |logit difference| 0 to 2.5e-5
+in float32 against transformers' path). Measured with one thread (SmolLM2-135M, 1500-token cache):
+a forward of 2 rows 152 -> 112 ms, 8 rows 228 -> 179 ms; at a 300-token cache within noise.
+
+`use_grouped_attention(decoder)` switches a decoder COPY to it (the engine's planned decoder owns
+its own config); any case it does not cover (no grouping, a per-head mask, attention biases,
+softcapping, prefill without a mask) goes to transformers' own SDPA function unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "specprobe_grouped_sdpa"
+_registered = False
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature; query [b, heads, q, d], key/value [b, kv_heads, keys, d],
+    attention_mask [b, 1, q, keys] (additive or boolean) or None. Returns ([b, q, heads, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    group = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q, dim = query.shape
+    plain = (
+        group == 1
+        or dropout
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+        or kwargs.get("s_aux") is not None
+        or (attention_mask is None and q > 1)  # prefill: is_causal path, once per prompt
+        or (attention_mask is not None and attention_mask.shape[1] != 1)
+    )
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    folded = query.reshape(batch, heads // group, group * q, dim)
+    mask = None if attention_mask is None else attention_mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, grouped_sdpa)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the model builds its own masks as for "sdpa"
+        _registered = True
+
+
+def use_grouped_attention(decoder) -> bool:
+    """Switch `decoder` (a copy the engine owns, not the user's model) from "sdpa" to grouped_sdpa.
+    Returns whether it did; models on other attention implementations are left alone."""
+    config = decoder.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    _register()
+    config._attn_implementation = NAME
+    return True
