@@ -52,6 +52,22 @@ def test_project_equals_linear(q):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_vm_kernel_and_the_heads_transposed_copy():
+    """`vm` (row times the transposed weight) gives the same logits; the copy follows in-place edits."""
+    gen = torch.Generator().manual_seed(1)
+    w, h = torch.randn(500, 64, generator=gen), torch.randn(1, 64, generator=gen)
+    plan = {1: [Piece(1, 1, "vm")], 3: [Piece(3, 4, "mm")]}
+    torch.testing.assert_close(project(w, h, plan, w.T.contiguous()), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    head = LMHead(w, softcap=None, plan=plan, transposed=True)
+    assert head.weight_t is not None and head.weight is w
+    torch.testing.assert_close(head(h), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        w[7] += 1.0  # e.g. a user editing the model after the engine first saw it
+    torch.testing.assert_close(head(h), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    h3 = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(head(h3), F.linear(h3, w), rtol=1e-5, atol=1e-5)
+
+
 def test_planned_linear_keeps_shapes_and_bias():
     lin = torch.nn.Linear(32, 48, bias=True)
     planned = PlannedLinear(lin, HAND_PLAN)
