@@ -34,6 +34,7 @@ from .tree import ROOT, DraftTree
 
 PROFILE_Q = (1, 2, 4, 8, 16, 32, 64)
 CURVE_Q = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CURVE_VERSION = 2  # bumped when the engine's forward changes, so saved curves are measured again
 
 
 @dataclass
@@ -230,7 +231,7 @@ def _curve_file(target):
     from .models import cache_root
 
     w = target.head.weight
-    key = f"{target.config.model_type}-{target.config.num_hidden_layers}x{target.config.hidden_size}-v{w.shape[0]}-{target.dtype}-{target.device.type}-t{torch.get_num_threads()}"
+    key = f"c{CURVE_VERSION}-{target.config.model_type}-{target.config.num_hidden_layers}x{target.config.hidden_size}-v{w.shape[0]}-{target.dtype}-{target.device.type}-t{torch.get_num_threads()}"
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
     return cache_root() / "cost_curves" / f"{safe}.json"
 
