@@ -227,13 +227,18 @@ def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[
     return plain, False
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors, which keep none."""
+    return None if t.is_inference() else t._version
+
+
 class LMHead:
     """logits = softcap(h @ W.T) for the rows asked, with a per-q kernel plan ({}: always `linear`)."""
 
     def __init__(self, weight: torch.Tensor, softcap: float | None = None, plan: dict[int, list[Piece]] | None = None, transposed: bool = False):
         self.weight = weight  # [vocab, hidden]: the model's own tensor, not a copy
         self.weight_t = weight.detach().T.contiguous() if transposed else None  # [hidden, vocab]: a copy, for `vm`
-        self._copied_version = weight._version  # an in-place change of the weight renews the copy
+        self._copied_version = _version(weight)  # an in-place change of the weight renews the copy
         self.softcap = softcap
         self.plan = plan or {}
         self.reduced_ids: torch.Tensor | None = None  # [n_reduced]
@@ -251,8 +256,8 @@ class LMHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [q, hidden] -> logits [q, vocab] (float32)."""
-        if self.weight_t is not None and self.weight._version != self._copied_version:
-            self.weight_t, self._copied_version = self.weight.detach().T.contiguous(), self.weight._version
+        if self.weight_t is not None and _version(self.weight) != self._copied_version:
+            self.weight_t, self._copied_version = self.weight.detach().T.contiguous(), _version(self.weight)
         return self._cap(project(self.weight, hidden, self.plan, self.weight_t).float())
 
     # -- reduced head for draft-only rows ------------------------------------------------------

@@ -66,6 +66,10 @@ def test_vm_kernel_and_the_heads_transposed_copy():
     torch.testing.assert_close(head(h), F.linear(h, w), rtol=1e-5, atol=1e-5)
     h3 = torch.randn(3, 64, generator=gen)
     torch.testing.assert_close(head(h3), F.linear(h3, w), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a weight made under inference mode (EAGLE's vocabulary head) has no version counter
+        w_inf = w * 1.0
+        head_inf = LMHead(w_inf, softcap=None, plan=plan, transposed=True)
+        torch.testing.assert_close(head_inf(h), F.linear(h, w_inf), rtol=1e-5, atol=1e-5)
 
 
 def test_planned_linear_keeps_shapes_and_bias():
