@@ -5,9 +5,9 @@ transformers' SDPA path repeats every cached key and value once per query head s
 (`repeat_kv`) whenever more than one row is new and a mask is given: a verification forward over
 a 1500-token cache then copies the whole cache three or four times in every layer. For one new
 row transformers already avoids the copy by folding the query heads of a group into rows; this
-module does the same for q rows:
+module does the same for q rows (only the query and the mask are reshaped, never the cache):
 
-    query  [batch, heads, q, dim]      -> [batch, kv_heads, group * q, dim]   (a view: no copy)
+    query  [batch, heads, q, dim]      -> [batch, kv_heads, group * q, dim]   (q rows: small)
     mask   [batch, 1, q, keys]         -> [batch, 1, group * q, keys]          (tiled; small)
 
 so row r * q + i of key/value head g is query head g * group + r at position i, which sees the
