@@ -88,7 +88,7 @@ class Target:
         layout = Layout.of(len(pending), tree, aux)
         embeds = self.embedding(torch.tensor([pending + tree.tokens], device=self.device))  # [1, L+n, h]
         if aux is not None and len(aux):
-            embeds = torch.cat([embeds, aux.embeds.to(embeds.dtype)[None]], dim=1)
+            embeds = torch.cat([embeds, aux.embeds.to(embeds.device, embeds.dtype)[None]], dim=1)
         if layout.is_chain:
             # Plain causal rows: the model's own mask is exactly right (and is what `generate` uses).
             return layout, embeds, None, torch.arange(past, past + layout.n_rows, device=self.device)[None]
