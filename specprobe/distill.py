@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidOptionError
-from .kv_cache import prefix_copy
+from .kv_cache import cache_kwargs, prefix_copy
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -203,7 +203,7 @@ class OnlineDistiller:
             past = prefix_copy(past_cache, past_len) if past_len else None
             ids = torch.tensor([draft_ids[past_len:]])
             positions = torch.arange(past_len, len(draft_ids))[None]
-            logits = self.model(input_ids=ids, position_ids=positions, past_key_values=past, use_cache=True).logits[0]
+            logits = self.model(input_ids=ids, position_ids=positions, use_cache=True, **cache_kwargs(self.model, past)).logits[0]
             loss = hybrid_loss(
                 logits,
                 torch.tensor([rows_of(j) for j, _ in kl], dtype=torch.long),

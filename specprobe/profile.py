@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .kv_cache import cache_length, keep_rows, new_cache
+from .kv_cache import cache_kwargs, cache_length, keep_rows, new_cache
 from .tree import ROOT, DraftTree
 
 PROFILE_Q = (1, 2, 4, 8, 16, 32, 64)
@@ -197,7 +197,7 @@ def profile(target, name: str, qs=PROFILE_Q, context: int = 300, repeats: int = 
         ids = torch.tensor([[last] + tree.tokens], device=target.device)
 
         def layers():
-            target.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            target.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(target.decoder, cache))
             keep_rows(cache, prefix, [])
 
         def kept_one():  # a forward's cache growth followed by keeping one row, as after a real step

@@ -198,8 +198,7 @@ def unrolled_loss(head: DraftHead, target, ex: Example, unroll: int, plans: torc
 def contemplate_plans(head: DraftHead, lm, ex: Example, n_anchors: int, unroll: int, rng: random.Random) -> torch.Tensor:
     """Plans [T, unroll, h]: zero except at `n_anchors` random positions p, where the target runs
     k contemplate rows after p (row j at position p + j + 1, seeing the text up to p and rows < j)."""
-    from transformers import DynamicCache
-
+    from .kv_cache import cache_kwargs, new_cache
     from .verify import Target
 
     target = Target.of(lm.model)
@@ -207,9 +206,9 @@ def contemplate_plans(head: DraftHead, lm, ex: Example, n_anchors: int, unroll: 
     k, T = c.contemplate, ex.tokens.shape[0]
     anchors = sorted(rng.sample(range(1, T - 2), min(n_anchors, T - 3)))
     decoder = lm.model.get_decoder()
-    cache = DynamicCache()
+    cache = new_cache()
     with torch.no_grad():
-        decoder(input_ids=ex.tokens[None], past_key_values=cache, use_cache=True)
+        decoder(input_ids=ex.tokens[None], use_cache=True, **cache_kwargs(decoder, cache))
     staleness = [rng.choice((1, 2, 3)) for _ in anchors]  # the MoE reads an earlier token's feature, as at decode time
     high = ex.features[[max(0, p - s) for p, s in zip(anchors, staleness)], 2 * c.hidden_size :].float()  # [M, h]
     embeds = head.contemplate_embeds(high).reshape(-1, c.hidden_size)  # [M*k, h]
@@ -225,7 +224,7 @@ def contemplate_plans(head: DraftHead, lm, ex: Example, n_anchors: int, unroll: 
     mask = target.attention_argument(allowed, positions, T)
     out = decoder(
         inputs_embeds=embeds[None].to(target.dtype), attention_mask=mask, position_ids=positions[None],
-        past_key_values=cache, use_cache=True, output_hidden_states=True,
+        use_cache=True, output_hidden_states=True, **cache_kwargs(decoder, cache),
     )
     feats = torch.cat([out.hidden_states[i][0] for i in c.feature_layers], dim=-1).float().view(M, k, -1)  # [M, k, 3h]
     plan = head.plan_vectors(feats)  # [M, k, h]

@@ -17,7 +17,7 @@ import torch
 from .attention import use_grouped_attention
 from .errors import InvalidOptionError
 from .kernels import LMHead, planned_decoder
-from .kv_cache import cache_length
+from .kv_cache import cache_kwargs, cache_length
 from .tree import AuxRows, DraftTree, Layout, additive_masks, attention_masks
 
 
@@ -124,7 +124,7 @@ class Target:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(self.decoder, cache),
             use_cache=True,
             output_hidden_states=output_hidden_states,
         )

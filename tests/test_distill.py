@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specprobe import distill
 from specprobe.distill import Alignment, DistillConfig, OnlineDistiller, align_for_distillation, hybrid_loss
 from specprobe.errors import InvalidOptionError
-from specprobe.kv_cache import cache_length, new_cache
+from specprobe.kv_cache import cache_kwargs, cache_length, new_cache
 
 
 def test_doctests():
@@ -66,7 +66,7 @@ def test_distiller_learns_and_leaves_the_users_model_alone(tiny):
     # half the sequence comes from a cache computed by the same weights (as the drafter's own cache)
     cache = new_cache()
     with torch.inference_mode():
-        d.model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+        d.model(input_ids=ids[:, :5], use_cache=True, **cache_kwargs(d.model, cache))
     assert cache_length(cache) == 5
     losses = [d.update(draft_ids, 5, cache, alignment, target, shared) for _ in range(30)]
     assert losses[-1] < 0.8 * losses[0], losses
