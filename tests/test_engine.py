@@ -3,10 +3,12 @@ change nothing for the real tokens, and the KV cache after a step equals a recom
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from specprobe.kv_cache import keep_rows, new_cache, snapshot
+from specprobe.kv_cache import cache_kwargs, keep_rows, new_cache, snapshot
 from specprobe.models import format_prompt
 from specprobe.tree import ROOT, AuxRows, DraftTree
 from specprobe.verify import Target
@@ -97,3 +99,28 @@ def test_cache_after_step_equals_recomputation(model_name, request, spec_bench_q
         assert gk.shape == wk.shape
         torch.testing.assert_close(gk, wk, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(gv, wv, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_kwargs_follows_the_forwards_signature(smollm2):
+    class Old(torch.nn.Module):  # transformers before the rename
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class Wrapper(torch.nn.Module):  # like PEFT: **kwargs passed on to the base model
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, *args, **kwargs):
+            return self.base(*args, **kwargs)
+
+    cache = new_cache()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.2x warns on the old name
+        smollm2.model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **cache_kwargs(smollm2.model, cache))
+    assert cache.get_seq_length() == 3
+    assert cache_kwargs(Old(), cache) == {"past_key_values": cache}
+    assert Wrapper(Old())(**cache_kwargs(Wrapper(Old()), cache)) is cache
