@@ -192,11 +192,13 @@ class PlannedLinear(nn.Module):
 
 def planned_decoder(decoder: nn.Module) -> nn.Module:
     """A copy of `decoder` (parameters and buffers shared, not copied) whose nn.Linear layers run
-    their measured plans; the original module is left as it was."""
-    if next(decoder.parameters()).device.type != "cpu":
-        return decoder
+    their measured plans; the original module is left as it was. Off the CPU the copy keeps
+    transformers' F.linear (no plans are measured there) but is still a copy with its own config,
+    so the engine can set its attention without touching the user's model."""
     memo = {id(t): t for t in [*decoder.parameters(), *decoder.buffers()]}
     copy_ = copy.deepcopy(decoder, memo)
+    if next(decoder.parameters()).device.type != "cpu":
+        return copy_
     plans: dict[tuple, dict] = {}
     for name, module in list(copy_.named_modules()):
         for child_name, child in list(module.named_children()):

@@ -59,9 +59,9 @@ class Target:
         self.device = model.device
         head, softcap = model.get_output_embeddings().weight, getattr(cfg, "final_logit_softcapping", None)
         if kernels == "planned":
-            self.decoder = planned_decoder(model.get_decoder())  # the model without its LM head
-            if self.decoder is not model.get_decoder():  # a copy with its own config
-                use_grouped_attention(self.decoder)  # tree rows attend without copying the cache
+            self.decoder = planned_decoder(model.get_decoder())  # the model without its LM head: a copy with its own config
+            use_grouped_attention(self.decoder)  # tree rows attend without copying the cache (and, on CUDA, without
+            # the stride-0 key/value views that repeat_kv makes for one key/value head: see attention.py)
             self.head = LMHead.tuned(head, softcap)
         else:
             self.decoder = model.get_decoder()

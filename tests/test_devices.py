@@ -14,6 +14,11 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 import specprobe
 from specprobe.api import generate
+from specprobe.attention import NAME as GROUPED
+from specprobe.drafters.prompt_lookup import build_trie
+from specprobe.kv_cache import new_cache
+from specprobe.tree import ROOT, DraftTree
+from specprobe.verify import Target
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # repeats, so that prompt lookup and the hybrid have something to copy; 19 tokens > the window
@@ -61,3 +66,40 @@ def test_every_method_equals_hf_generate_on_tiny_models(tiny_dir, device):
         taus[method] = out.stats.new_tokens / out.stats.target_forwards
     assert taus["draft"] > 2, taus  # trees of several tokens were verified and accepted
     assert str(lm.model.device).startswith(device)
+
+
+
+def test_engine_attention_is_grouped_on_every_device(tiny_dir):
+    for device in DEVICES:
+        lm = specprobe.load(str(tiny_dir), device=device)
+        target = Target.of(lm.model)
+        assert target.decoder is not lm.model.get_decoder()  # the engine's own copy ...
+        assert target.decoder.config._attn_implementation == GROUPED  # ... attending without repeat_kv
+        assert lm.model.config._attn_implementation == "sdpa"  # the user's model is untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_match_single_rows_when_keys_are_1_mod_32(tiny_dir, device):
+    """Steps of 8 rows whose key count is 1 modulo 32 (pytorch#191937's trigger, for one key/value
+    head on CUDA), as a chain (the model's own masks) and as a tree (the engine's masks): the logits
+    of every node on the chain equal those of its tokens fed one at a time."""
+    lm = specprobe.load(str(tiny_dir), device=device)
+    target = Target.of(lm.model)
+    text = torch.randint(3, 49152, (560,), generator=torch.Generator().manual_seed(1)).tolist()
+    for past in (505, 537):  # the step's keys: 505 + 8 = 513 and 537 + 8 = 545
+        chain = text[past + 1 : past + 8]
+        cache = new_cache()
+        target.forward(cache, text[:past], DraftTree())
+        reference = [target.forward(cache, [t], DraftTree()).logits[0] for t in [text[past], *chain]]
+        for tree in (DraftTree.chain(chain), build_trie([chain[:5], chain[:2] + [7, 8]], budget=7)):
+            cache = new_cache()
+            target.forward(cache, text[:past], DraftTree())
+            out = target.forward(cache, [text[past]], tree)
+            torch.testing.assert_close(out.logits[0], reference[0], rtol=1e-4, atol=1e-4)
+            for node, depth in enumerate(tree.depths()):
+                path, p = [], node
+                while p != ROOT:
+                    path.insert(0, tree.tokens[p])
+                    p = tree.parents[p]
+                if path == chain[:depth]:
+                    torch.testing.assert_close(out.logits[1 + node], reference[depth], rtol=1e-4, atol=1e-4)
