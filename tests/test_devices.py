@@ -17,7 +17,7 @@ from specprobe.api import generate
 from specprobe.attention import NAME as GROUPED
 from specprobe.drafters.prompt_lookup import build_trie
 from specprobe.kv_cache import new_cache
-from specprobe.tree import ROOT, DraftTree
+from specprobe.tree import DraftTree
 from specprobe.verify import Target
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -68,14 +68,13 @@ def test_every_method_equals_hf_generate_on_tiny_models(tiny_dir, device):
     assert str(lm.model.device).startswith(device)
 
 
-
-def test_engine_attention_is_grouped_on_every_device(tiny_dir):
-    for device in DEVICES:
-        lm = specprobe.load(str(tiny_dir), device=device)
-        target = Target.of(lm.model)
-        assert target.decoder is not lm.model.get_decoder()  # the engine's own copy ...
-        assert target.decoder.config._attn_implementation == GROUPED  # ... attending without repeat_kv
-        assert lm.model.config._attn_implementation == "sdpa"  # the user's model is untouched
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_attention_is_grouped_on_every_device(tiny_dir, device):
+    lm = specprobe.load(str(tiny_dir), device=device)
+    target = Target.of(lm.model)
+    assert target.decoder is not lm.model.get_decoder()  # the engine's own copy ...
+    assert target.decoder.config._attn_implementation == GROUPED  # ... attending without repeat_kv
+    assert lm.model.config._attn_implementation == "sdpa"  # the user's model is untouched
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,10 +95,7 @@ def test_rows_match_single_rows_when_keys_are_1_mod_32(tiny_dir, device):
             target.forward(cache, text[:past], DraftTree())
             out = target.forward(cache, [text[past]], tree)
             torch.testing.assert_close(out.logits[0], reference[0], rtol=1e-4, atol=1e-4)
-            for node, depth in enumerate(tree.depths()):
-                path, p = [], node
-                while p != ROOT:
-                    path.insert(0, tree.tokens[p])
-                    p = tree.parents[p]
-                if path == chain[:depth]:
-                    torch.testing.assert_close(out.logits[1 + node], reference[depth], rtol=1e-4, atol=1e-4)
+            for node in range(len(tree)):
+                path = [tree.tokens[n] for n in tree.path_to(node)]
+                if path == chain[: len(path)]:
+                    torch.testing.assert_close(out.logits[1 + node], reference[len(path)], rtol=1e-4, atol=1e-4)
