@@ -16,13 +16,15 @@ dot products as before (the SDPA kernel is the same; measured max |logit differe
 in float32 against transformers' path). Measured with one thread (SmolLM2-135M, 1500-token cache):
 a forward of 2 rows 152 -> 112 ms, 8 rows 228 -> 179 ms; at a 300-token cache within noise.
 
-It also keeps a known CUDA defect away from verification: for one key/value head (Gemma3-270M),
-`repeat_kv` returns a stride-0 view of the cache, and PyTorch's memory-efficient SDPA kernel has
-been reported to return wrong rows for such broadcast keys/values with a mask when the number of
-keys is 1 modulo 32 (pytorch/pytorch#191937). On an H200 (torch 2.11) `pld` on Gemma3 once left
-plain decoding's tokens, by a token 9.4 logits below the greedy one, in a step over about 505
-cached positions through transformers' path (a key count of 513 = 16 x 32 + 1 is within that
-step's reach; the GPU run did not record it). Here keys and values reach SDPA as the cache holds
+It also keeps a CUDA defect away from verification: for one key/value head (Gemma3-270M),
+`repeat_kv` returns a stride-0 view of the cache, and PyTorch's memory-efficient SDPA kernel
+returns wrong rows for such broadcast keys/values with a mask (reported as pytorch/pytorch#191937
+for key counts 1 modulo 32). Measured on an H100 (torch 2.11, scripts/cuda_sdpa_check.py,
+docs/gpu/h100-sdpa-check.md): with Gemma3-270M's shapes the expanded form was wrong at 33 rows for
+every key count from 500 to 560 in float32 (max error 0.05), the grouped form below never. A
+33-row step is `pld`'s default tree, and on an H200 `pld` had once left plain decoding's tokens on
+Gemma3 through transformers' path; through this one, every method matched plain decoding on all
+65 questions of the issue-4 run on the H100. Here keys and values reach SDPA as the cache holds
 them, on every device.
 
 `use_grouped_attention(decoder)` switches a decoder COPY to it (the engine's planned decoder owns

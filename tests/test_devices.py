@@ -3,7 +3,9 @@
 The built-in models are too big to ship to a GPU machine in every test run; these two tiny models
 (random weights, the real architectures) exercise the same code on any device: tensors made on the
 CPU (masks, mask vectors, cache indices) must reach the model's device. The Gemma3 one has a
-16-token sliding window, so the prompt and the drafts cross it.
+16-token sliding window, so the prompt and the drafts cross it, and Gemma3-270M's attention shape
+(one key/value head for four query heads, head_dim 256), the shape of the CUDA defect that
+scripts/cuda_sdpa_check.py measures.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def tiny_model(kind: str):
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=True, **common))
     layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
-    cfg = Gemma3TextConfig(num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=layer_types, pad_token_id=0, **common)
+    cfg = Gemma3TextConfig(num_hidden_layers=3, num_key_value_heads=1, head_dim=256, sliding_window=16, layer_types=layer_types, pad_token_id=0, **common)
     return Gemma3ForCausalLM(cfg)
 
 
@@ -78,19 +80,22 @@ def test_engine_attention_is_grouped_on_every_device(tiny_dir, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_match_single_rows_when_keys_are_1_mod_32(tiny_dir, device):
-    """Steps of 8 rows whose key count is 1 modulo 32 (pytorch#191937's trigger, for one key/value
-    head on CUDA), as a chain (the model's own masks) and as a tree (the engine's masks): the logits
-    of every node on the chain equal those of its tokens fed one at a time."""
+def test_rows_match_single_rows_in_33_row_steps(tiny_dir, device):
+    """Steps of 33 rows (the root and 32 nodes: pld's default tree) over 513 and 545 keys, the shape
+    in which CUDA's memory-efficient SDPA returned wrong rows for stride-0 keys/values on an H100
+    (docs/gpu/h100-sdpa-check.md), as a chain (the model's own masks) and as a tree (the engine's
+    masks): the logits of every node on the chain equal those of its tokens fed one at a time."""
     lm = specprobe.load(str(tiny_dir), device=device)
     target = Target.of(lm.model)
-    text = torch.randint(3, 49152, (560,), generator=torch.Generator().manual_seed(1)).tolist()
-    for past in (505, 537):  # the step's keys: 505 + 8 = 513 and 537 + 8 = 545
-        chain = text[past + 1 : past + 8]
+    text = torch.randint(3, 49152, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    for past in (480, 512):  # the step's keys: 480 + 33 = 513 and 512 + 33 = 545
+        chain = text[past + 1 : past + 33]
         cache = new_cache()
         target.forward(cache, text[:past], DraftTree())
         reference = [target.forward(cache, [t], DraftTree()).logits[0] for t in [text[past], *chain]]
-        for tree in (DraftTree.chain(chain), build_trie([chain[:5], chain[:2] + [7, 8]], budget=7)):
+        branches = [chain[:20] + [7, 8], chain[:5] + [9] * 10]  # 22 + 10 more nodes: 32 in all
+        for tree in (DraftTree.chain(chain), build_trie([chain[:20], *branches], budget=32)):
+            assert len(tree) == 32
             cache = new_cache()
             target.forward(cache, text[:past], DraftTree())
             out = target.forward(cache, [text[past]], tree)

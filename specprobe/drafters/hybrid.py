@@ -53,11 +53,12 @@ class HybridConfig:
     mask_init: str = "vocab-mean"
     max_ngram: int = 3  # PLD: longest suffix searched for
     num_pred_tokens: int = 10  # PLD: tokens copied after a match
-    max_candidates: int = 3  # PLD: continuations offered
+    max_candidates: int = 4  # PLD: continuations offered (as many as --method pld merges)
     ngram: int = 4  # pool: n-gram length (the root token + n - 1 drafts)
     pool_per_key: int = 3  # pool: n-grams kept per root token
     budget: int | str = "auto"  # nodes per step, or auto (budget.py)
-    max_budget: int = 24  # the largest tree auto considers
+    max_budget: int = 32  # the largest tree auto considers (pld's fixed tree: where rows are free,
+    # as on a GPU, the hybrid can verify everything pld would)
 
     def __post_init__(self):
         self.budget = parse_budget(self.budget)
