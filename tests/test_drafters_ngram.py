@@ -64,6 +64,36 @@ def test_max_candidates_and_duplicates():
     assert find_continuations(ids, max_ngram=1, num_pred_tokens=1) == [[3], [1], [2]]
 
 
+def _continuations_by_definition(ids, max_ngram, min_ngram, num_pred_tokens, max_candidates):
+    """find_continuations' docstring spelt out: every start s, most recent first, per n."""
+    found = []
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
+        for s in range(len(ids) - n - 1, -1, -1):
+            cont = ids[s + n : s + n + num_pred_tokens]
+            if ids[s : s + n] != ids[len(ids) - n :] or any(c[: len(cont)] == cont for c in found):
+                continue
+            shorter = [i for i, c in enumerate(found) if cont[: len(c)] == c]
+            if shorter:
+                found[shorter[0]] = cont
+            else:
+                found.append(cont)
+            if len(found) >= max_candidates:
+                return found
+    return found
+
+
+def test_search_equals_its_definition_on_random_texts():
+    # the search starts from the positions of the last token (list.index); same answers, same order
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        size, alphabet = (int(v) for v in torch.randint(0, 40, (2,), generator=rng))
+        ids = torch.randint(0, 2 + alphabet // 4, (size,), generator=rng).tolist()
+        max_ngram, num_pred, max_cand = (1 + int(v) for v in torch.randint(0, 5, (3,), generator=rng))
+        min_ngram = 1 + int(torch.randint(0, max_ngram, (1,), generator=rng))
+        args = (max_ngram, min_ngram, num_pred, max_cand)
+        assert find_continuations(ids, *args) == _continuations_by_definition(ids, *args), (ids, args)
+
+
 def test_min_ngram_excludes_short_matches():
     ids = [1, 2, 3, 9, 2]
     assert find_continuations(ids, max_ngram=3, min_ngram=2) == []

@@ -76,10 +76,24 @@ def find_continuations(
     """
     found: list[list[int]] = []
     total = len(ids)
+    if total < 2:
+        return found
+    # where an earlier match can end (its last token equals the text's last, and a token follows
+    # it), most recent first: list.index scans in C, so a step costs O(text) only once
+    last, ends, e = ids[-1], [], -1
+    try:
+        while True:
+            e = ids.index(last, e + 1, total - 1)
+            ends.append(e)
+    except ValueError:
+        ends.reverse()
     for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
         suffix = ids[total - n :]
-        for s in range(total - n - 1, -1, -1):
-            if ids[s : s + n] != suffix:
+        for e in ends:
+            s = e - n + 1
+            if s < 0:
+                break
+            if ids[s : e + 1] != suffix:
                 continue
             cont = ids[s + n : s + n + num_pred_tokens]
             if any(c[: len(cont)] == cont for c in found):
