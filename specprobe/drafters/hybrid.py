@@ -52,13 +52,14 @@ class HybridConfig:
     esp_nodes: int = 6  # ESP: nodes of ESP's own tree offered to the merge
     mask_init: str = "vocab-mean"
     max_ngram: int = 3  # PLD: longest suffix searched for
-    num_pred_tokens: int = 10  # PLD: tokens copied after a match
+    num_pred_tokens: int = 32  # PLD: tokens copied after a match (the budget keeps what pays: deeper
+    # than pld's 10, since long copies are where this drafter's trees gain most)
     max_candidates: int = 4  # PLD: continuations offered (as many as --method pld merges)
     ngram: int = 4  # pool: n-gram length (the root token + n - 1 drafts)
     pool_per_key: int = 3  # pool: n-grams kept per root token
     budget: int | str = "auto"  # nodes per step, or auto (budget.py)
-    max_budget: int = 32  # the largest tree auto considers (pld's fixed tree: where rows are free,
-    # as on a GPU, the hybrid can verify everything pld would)
+    max_budget: int = 64  # the largest tree auto considers (where rows are nearly free, as on a GPU,
+    # the trees grow past pld's fixed 32 nodes)
 
     def __post_init__(self):
         self.budget = parse_budget(self.budget)
