@@ -6,6 +6,8 @@ product may differ between kernels):
 
     linear   F.linear(h, W)              what nn.Linear (and transformers) call
     mm       torch.mm(W, h.T).T          the weight as the left operand
+    vm       torch.mm(h, W.T copy)       one row times a transposed copy (heads only)
+    packed   oneDNN's linear on a copy of W in its blocked layout (heads only)
 
 On a CPU their speed differs wildly with the number of rows q: measured on a 2-core machine for
 Gemma3's 262144 x 640 head, `linear` costs 63 ms at q = 1 and 146 ms at q = 2 (a slow small-M
@@ -42,12 +44,25 @@ KERNELS = {
     "linear": lambda w, h: F.linear(h, w),  # w [V, hidden], h [q, hidden] -> [q, V]
     "mm": lambda w, h: torch.mm(w, h.T).T,
     "vm": lambda wt, h: torch.mm(h, wt),  # wt [hidden, V]: the weight transposed, a copy (heads only)
+    "packed": lambda wp, h: torch.ops.mkldnn._linear_pointwise(h, wp, None, "none", [], ""),  # wp: oneDNN's blocked copy
+}
+# kernels that read a copy of the weight in another layout (heads only: the copy costs the head's memory again)
+WEIGHT_COPIES = {
+    "vm": lambda w: w.detach().T.contiguous(),
+    "packed": lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), None),
 }
 LAYER_KERNELS = ("linear", "mm")
-HEAD_KERNELS = ("linear", "mm", "vm")
-TRANSPOSED_GAIN = 0.85  # a head keeps a transposed copy only if it makes one row this much cheaper
+COPY_GAIN = 0.85  # a head keeps a copy only if it makes one row, or the sum over COPY_QS, this much cheaper
+COPY_QS = (1, 2, 4, 8, 16)  # a decoding step and the tree sizes the budget picks on a CPU
 MEASURED_Q = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+
+
+def head_kernels(dtype=torch.float32, device="cpu") -> tuple[str, ...]:
+    """The kernels a head's plan may use: `packed` where oneDNN takes this weight (float32 on a CPU)."""
+    kernels = ("linear", "mm", "vm")
+    packed_ok = torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return kernels + ("packed",) if packed_ok and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else kernels
 
 
 @dataclass(frozen=True)
@@ -106,12 +121,12 @@ def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", q
     gen = torch.Generator(device="cpu").manual_seed(0)
     n_copies = max(1, -(-64 * 2**20 // (shape[0] * shape[1] * torch.finfo(dtype).bits // 8)))
     weights = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(n_copies)]
-    transposed = [w.T.contiguous() for w in weights] if "vm" in kernels else []
+    copies = {name: [WEIGHT_COPIES[name](w) for w in weights] for name in kernels if name in WEIGHT_COPIES}
     costs = {}
     for q in qs:
         h = torch.randn(q, shape[1], generator=gen).to(device=device, dtype=dtype)
         for name in kernels:
-            fn, ws = KERNELS[name], (transposed if name == "vm" else weights)
+            fn, ws = KERNELS[name], copies.get(name, weights)
             costs[(name, q)] = _time(lambda: [fn(w, h) for w in ws], repeats) / n_copies
     return costs
 
@@ -119,7 +134,7 @@ def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", q
 def _plan_file(shape, dtype, device, kernels=LAYER_KERNELS) -> Path:
     from .models import cache_root
 
-    head = "head-" if "vm" in kernels else ""
+    head = f"head{len(kernels)}-" if "vm" in kernels else ""
     key = f"v{PLAN_VERSION}-{head}{shape[0]}x{shape[1]}-{dtype}-{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
     return cache_root() / "kernels" / f"{safe}.json"
@@ -155,9 +170,9 @@ def tuned_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> dict[int, 
     return plan_rows(load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device), q_max)
 
 
-def project(weight: torch.Tensor, h: torch.Tensor, plan: dict[int, list[Piece]], weight_t: torch.Tensor | None = None) -> torch.Tensor:
+def project(weight: torch.Tensor, h: torch.Tensor, plan: dict[int, list[Piece]], copy: torch.Tensor | None = None) -> torch.Tensor:
     """h [q, in] @ weight[out, in].T -> [q, out], following plan[q] (F.linear when q has no plan).
-    weight_t [in, out]: the weight transposed, for plans that use `vm`."""
+    copy: the weight in the layout of the plan's copy kernel (`vm`: [in, out]; `packed`: oneDNN's)."""
     pieces = plan.get(h.shape[0])
     if not pieces:
         return F.linear(h, weight)
@@ -166,7 +181,7 @@ def project(weight: torch.Tensor, h: torch.Tensor, plan: dict[int, list[Piece]],
         rows = h[start : start + p.rows]
         if p.run_as > p.rows:
             rows = torch.cat([rows, rows[-1:].expand(p.run_as - p.rows, -1)])
-        out.append(KERNELS[p.kernel](weight_t if p.kernel == "vm" else weight, rows)[: p.rows])
+        out.append(KERNELS[p.kernel](copy if p.kernel in WEIGHT_COPIES else weight, rows)[: p.rows])
         start += p.rows
     return torch.cat(out) if len(out) > 1 else out[0].contiguous()
 
@@ -214,19 +229,32 @@ def _plan_cost(pieces: list[Piece], costs: dict[tuple[str, int], float]) -> floa
     return sum(costs[(p.kernel, p.run_as)] for p in pieces)
 
 
-def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[int, list[Piece]], bool]:
-    """(plan, whether it uses `vm`) for a vocabulary head on this machine. `vm` (one row times the
-    transposed weight) streams a wide head far faster for a single row on some CPUs (measured on a
-    2-core EPYC: Gemma3's 262144 x 640 head 73 -> 38 ms at q = 1), but needs a transposed copy of
-    the head: it is kept only where it cuts the one-row product (a decoding step) by 15 % or more."""
+def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[int, list[Piece]], str | None]:
+    """(plan, the weight copy it reads: "vm", "packed" or None) for a vocabulary head on this machine.
+
+    A copy of the head in another layout can be much faster: `vm` (one row times the transposed
+    weight) streams a wide head faster for a single row (2-core EPYC, Gemma3's 262144 x 640 head:
+    73 -> 38 ms at q = 1); `packed` (oneDNN's blocked layout, `torch.ops.mkldnn._linear_pointwise`)
+    matches `vm` at one row and is also the fastest for several (same machine, same head: 41 ms at
+    q = 1, 57 ms at q = 8 and 78 ms at q = 16 against `mm`'s 61, 90 and 126). A copy costs the
+    head's memory again, so at most one is kept, and only where it cuts the one-row product or the
+    sum over COPY_QS rows by 15 % or more; of two such copies the one with the smaller sum."""
     if weight.device.type != "cpu":
-        return {}, False
-    costs = load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=HEAD_KERNELS)
-    plain_costs = {k: v for k, v in costs.items() if k[0] != "vm"}
-    plan, plain = plan_rows(costs, q_max), plan_rows(plain_costs, q_max)
-    if _plan_cost(plan[1], costs) < TRANSPOSED_GAIN * _plan_cost(plain[1], costs):
-        return plan, True
-    return plain, False
+        return {}, None
+    costs = load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=head_kernels(weight.dtype, weight.device))
+
+    def option(copy: str | None) -> tuple[dict[int, list[Piece]], float, float]:
+        allowed = {k: v for k, v in costs.items() if k[0] not in WEIGHT_COPIES or k[0] == copy}
+        plan = plan_rows(allowed, q_max)
+        return plan, _plan_cost(plan[1], allowed), sum(_plan_cost(plan[q], allowed) for q in COPY_QS)
+
+    plain_plan, plain_one, plain_sum = option(None)
+    best = (plain_plan, None, plain_sum)
+    for copy in sorted({k for k, _ in costs if k in WEIGHT_COPIES}):
+        plan, one, total = option(copy)
+        if (one < COPY_GAIN * plain_one or total < COPY_GAIN * plain_sum) and total < best[2]:
+            best = (plan, copy, total)
+    return best[0], best[1]
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -237,9 +265,10 @@ def _version(t: torch.Tensor) -> int | None:
 class LMHead:
     """logits = softcap(h @ W.T) for the rows asked, with a per-q kernel plan ({}: always `linear`)."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None, plan: dict[int, list[Piece]] | None = None, transposed: bool = False):
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None, plan: dict[int, list[Piece]] | None = None, copy: str | None = None):
         self.weight = weight  # [vocab, hidden]: the model's own tensor, not a copy
-        self.weight_t = weight.detach().T.contiguous() if transposed else None  # [hidden, vocab]: a copy, for `vm`
+        self.copy_kind = copy  # None, "vm" or "packed": the plan's kernel that reads a copy of the weight
+        self.copy = WEIGHT_COPIES[copy](weight) if copy else None  # the weight in that kernel's layout
         self._copied_version = _version(weight)  # an in-place change of the weight renews the copy
         self.softcap = softcap
         self.plan = plan or {}
@@ -248,8 +277,8 @@ class LMHead:
 
     @classmethod
     def tuned(cls, weight: torch.Tensor, softcap: float | None) -> "LMHead":
-        plan, transposed = head_plan(weight)
-        return cls(weight, softcap, plan, transposed)
+        plan, copy = head_plan(weight)
+        return cls(weight, softcap, plan, copy)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap is None:
@@ -258,9 +287,11 @@ class LMHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [q, hidden] -> logits [q, vocab] (float32)."""
-        if self.weight_t is not None and _version(self.weight) != self._copied_version:
-            self.weight_t, self._copied_version = self.weight.detach().T.contiguous(), _version(self.weight)
-        return self._cap(project(self.weight, hidden, self.plan, self.weight_t).float())
+        if torch.is_grad_enabled() and hidden.requires_grad:  # training through the head: autograd's own kernel
+            return self._cap(F.linear(hidden, self.weight).float())
+        if self.copy is not None and _version(self.weight) != self._copied_version:
+            self.copy, self._copied_version = WEIGHT_COPIES[self.copy_kind](self.weight), _version(self.weight)
+        return self._cap(project(self.weight, hidden, self.plan, self.copy).float())
 
     # -- reduced head for draft-only rows ------------------------------------------------------
     def set_reduced_vocabulary(self, ids: list[int] | None) -> None:

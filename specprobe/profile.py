@@ -34,7 +34,7 @@ from .tree import ROOT, DraftTree
 
 PROFILE_Q = (1, 2, 4, 8, 16, 32, 64)
 CURVE_Q = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CURVE_VERSION = 2  # bumped when the engine's forward changes, so saved curves are measured again
+CURVE_VERSION = 3  # bumped when the engine's forward changes, so saved curves are measured again
 
 
 @dataclass

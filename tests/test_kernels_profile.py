@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import specprobe
 from specprobe import api, kernels, tune
 from specprobe.cli import main
-from specprobe.kernels import LMHead, Piece, PlannedLinear, plan_rows, project
+from specprobe.kernels import MEASURED_Q, WEIGHT_COPIES, LMHead, Piece, PlannedLinear, head_kernels, plan_rows, project
 from specprobe.profile import profile
 from specprobe.tree import ROOT, DraftTree
 from specprobe.verify import Target
@@ -52,24 +52,51 @@ def test_project_equals_linear(q):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_vm_kernel_and_the_heads_transposed_copy():
-    """`vm` (row times the transposed weight) gives the same logits; the copy follows in-place edits."""
+COPY_KERNELS = [k for k in head_kernels() if k in WEIGHT_COPIES]  # vm, and packed where oneDNN runs
+
+
+@pytest.mark.parametrize("copy", COPY_KERNELS)
+def test_copy_kernels_and_the_heads_copy(copy):
+    """`vm` (row times the transposed weight) and `packed` (oneDNN's blocked layout) give the same
+    logits as F.linear for one and several rows; the copy follows in-place edits of the weight."""
     gen = torch.Generator().manual_seed(1)
     w, h = torch.randn(500, 64, generator=gen), torch.randn(1, 64, generator=gen)
-    plan = {1: [Piece(1, 1, "vm")], 3: [Piece(3, 4, "mm")]}
-    torch.testing.assert_close(project(w, h, plan, w.T.contiguous()), F.linear(h, w), rtol=1e-5, atol=1e-5)
-    head = LMHead(w, softcap=None, plan=plan, transposed=True)
-    assert head.weight_t is not None and head.weight is w
+    plan = {1: [Piece(1, 1, copy)], 3: [Piece(3, 4, "mm")], 5: [Piece(5, 8, copy)]}
+    torch.testing.assert_close(project(w, h, plan, WEIGHT_COPIES[copy](w)), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    head = LMHead(w, softcap=None, plan=plan, copy=copy)
+    assert head.copy is not None and head.weight is w
     torch.testing.assert_close(head(h), F.linear(h, w), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         w[7] += 1.0  # e.g. a user editing the model after the engine first saw it
     torch.testing.assert_close(head(h), F.linear(h, w), rtol=1e-5, atol=1e-5)
-    h3 = torch.randn(3, 64, generator=gen)
-    torch.testing.assert_close(head(h3), F.linear(h3, w), rtol=1e-5, atol=1e-5)
+    for q in (3, 5):
+        hq = torch.randn(q, 64, generator=gen)
+        torch.testing.assert_close(head(hq), F.linear(hq, w), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # a weight made under inference mode (EAGLE's vocabulary head) has no version counter
         w_inf = w * 1.0
-        head_inf = LMHead(w_inf, softcap=None, plan=plan, transposed=True)
+        head_inf = LMHead(w_inf, softcap=None, plan=plan, copy=copy)
         torch.testing.assert_close(head_inf(h), F.linear(h, w_inf), rtol=1e-5, atol=1e-5)
+    h_grad = torch.randn(5, 64, generator=gen, requires_grad=True)  # training through the head: autograd's kernel
+    head(h_grad).sum().backward()
+    torch.testing.assert_close(h_grad.grad, w.sum(0).expand(5, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_head_plan_keeps_one_copy_only_where_it_pays(monkeypatch):
+    """With made-up costs: a copy kernel 40 % cheaper everywhere is kept; of two, the cheaper sum
+    over COPY_QS wins; one that saves under 15 % is not kept (its copy would double the memory)."""
+    from specprobe import kernels
+
+    def costs_with(vm: float, packed: float):
+        base = {("linear", q): 10.0 * q for q in MEASURED_Q} | {("mm", q): 6.0 + q for q in MEASURED_Q}
+        return base | {("vm", q): vm * (6.0 + q) for q in MEASURED_Q} | {("packed", q): packed * (6.0 + q) for q in MEASURED_Q}
+
+    w = torch.zeros(8, 4)
+    for (vm, packed), expected in {(0.6, 0.7): "vm", (0.7, 0.6): "packed", (0.9, 0.95): None, (2.0, 0.6): "packed"}.items():
+        monkeypatch.setattr(kernels, "load_or_measure_costs", lambda *a, costs=costs_with(vm, packed), **k: costs)
+        plan, copy = kernels.head_plan(w)
+        assert copy == expected, (vm, packed, copy)
+        used = {p.kernel for pieces in plan.values() for p in pieces}
+        assert used & set(WEIGHT_COPIES) <= ({copy} if copy else set())
 
 
 def test_planned_linear_keeps_shapes_and_bias():
