@@ -51,6 +51,7 @@ WEIGHT_COPIES = {
     "vm": lambda w: w.detach().T.contiguous(),
     "packed": lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), None),
 }
+VM_MAX_Q = 4  # `vm` is a one-row kernel (several times slower than `mm` from a few rows): not timed beyond
 LAYER_KERNELS = ("linear", "mm")
 COPY_GAIN = 0.85  # a head keeps a copy only if it makes one row, or the sum over COPY_QS, this much cheaper
 COPY_QS = (1, 2, 4, 8, 16)  # a decoding step and the tree sizes the budget picks on a CPU
@@ -126,6 +127,8 @@ def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", q
     for q in qs:
         h = torch.randn(q, shape[1], generator=gen).to(device=device, dtype=dtype)
         for name in kernels:
+            if name == "vm" and q > VM_MAX_Q:
+                continue
             fn, ws = KERNELS[name], copies.get(name, weights)
             costs[(name, q)] = _time(lambda: [fn(w, h) for w in ws], repeats) / n_copies
     return costs
