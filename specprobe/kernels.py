@@ -290,7 +290,9 @@ class LMHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [q, hidden] -> logits [q, vocab] (float32)."""
-        if torch.is_grad_enabled() and hidden.requires_grad:  # training through the head: autograd's own kernel
+        if torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad):
+            # training through the head: autograd's own kernel (the packed op has no backward, and a
+            # detached copy would carry no gradient to the weight)
             return self._cap(F.linear(hidden, self.weight).float())
         if self.copy is not None and _version(self.weight) != self._copied_version:
             self.copy, self._copied_version = WEIGHT_COPIES[self.copy_kind](self.weight), _version(self.weight)

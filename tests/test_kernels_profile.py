@@ -79,6 +79,9 @@ def test_copy_kernels_and_the_heads_copy(copy):
     h_grad = torch.randn(5, 64, generator=gen, requires_grad=True)  # training through the head: autograd's kernel
     head(h_grad).sum().backward()
     torch.testing.assert_close(h_grad.grad, w.sum(0).expand(5, -1), rtol=1e-4, atol=1e-4)
+    w_trained = w.clone().requires_grad_(True)  # ... and to the weight, which a copy would not carry
+    LMHead(w_trained, softcap=None, plan=plan, copy=copy)(h_grad.detach()).sum().backward()
+    torch.testing.assert_close(w_trained.grad, h_grad.detach().sum(0).expand(500, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_head_plan_keeps_one_copy_only_where_it_pays(monkeypatch):
