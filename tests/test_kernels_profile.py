@@ -87,8 +87,6 @@ def test_copy_kernels_and_the_heads_copy(copy):
 def test_head_plan_keeps_one_copy_only_where_it_pays(monkeypatch):
     """With made-up costs: a copy kernel 40 % cheaper everywhere is kept; of two, the cheaper sum
     over COPY_QS wins; one that saves under 15 % is not kept (its copy would double the memory)."""
-    from specprobe import kernels
-
     def costs_with(vm: float, packed: float):
         base = {("linear", q): 10.0 * q for q in MEASURED_Q} | {("mm", q): 6.0 + q for q in MEASURED_Q}
         return base | {("vm", q): vm * (6.0 + q) for q in MEASURED_Q} | {("packed", q): packed * (6.0 + q) for q in MEASURED_Q}
