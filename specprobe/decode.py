@@ -125,6 +125,7 @@ def decode(
         )
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     session = Session(target, prompt_ids, max_new_tokens, sampling)
+    target.observe_tokens(prompt_ids)  # the reduced draft vocabulary learns from what it serves
     t_start = time.perf_counter()
     drafter.start(session)
     stats.draft_time += time.perf_counter() - t_start
@@ -158,6 +159,7 @@ def decode(
                 stop = "eos"
                 break
         session.ids.extend(emitted)
+        target.observe_tokens(emitted)
         session.pending = [acceptance.bonus]
         step = StepResult(proposal, out, acceptance, emitted)
         drafter.observe(session, step)

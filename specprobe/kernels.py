@@ -22,8 +22,9 @@ measured once per weight shape, dtype, device and thread count (on enough copies
 exceed the CPU caches) and saved on disk; rows beyond 64 (prefill) use `linear`.
 
 Rows that only feed drafts (ESP masks, lookahead rows) may use `LMHead.reduced`: logits over a
-subset of the vocabulary (the most frequent tokens, chosen from data), every other logit -inf.
-Verification rows always get the full head, so the emitted tokens do not depend on it.
+subset of the vocabulary (the tokens the engine has seen most often, draft_vocab.py), every other
+logit -inf, wherever the measured costs say it pays (`LMHead.reduced_pays`). Verification rows
+always get the full head, so the emitted tokens do not depend on it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ VM_MAX_Q = 4  # `vm` is a one-row kernel (several times slower than `mm` from a 
 LAYER_KERNELS = ("linear", "mm")
 COPY_GAIN = 0.85  # a head keeps a copy only if it makes one row, or the sum over COPY_QS, this much cheaper
 COPY_QS = (1, 2, 4, 8, 16)  # a decoding step and the tree sizes the budget picks on a CPU
+REDUCED_GAIN = 0.85  # draft-only rows leave the full head only if that makes the head this much cheaper
+FILL_BYTES_PER_S = 5e9  # writing the reduced rows' -inf logits: a low estimate of this CPU's write speed
 MEASURED_Q = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 PLAN_VERSION = 3
 
@@ -260,6 +263,18 @@ def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[
     return best[0], best[1]
 
 
+def head_costs(weight: torch.Tensor, plan: dict[int, list[Piece]]) -> dict[str, dict[int, float]]:
+    """Seconds per product for this head on this machine, from the saved kernel timings:
+    {"plan": {q: the plan's cost}, "mm": {q: `mm`'s cost}} ({} off the CPU, where none are measured)."""
+    if weight.device.type != "cpu" or not plan:
+        return {}
+    costs = load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=head_kernels(weight.dtype, weight.device))
+    return {
+        "plan": {q: _plan_cost(pieces, costs) for q, pieces in plan.items()},
+        "mm": {q: c for (k, q), c in costs.items() if k == "mm"},
+    }
+
+
 def _version(t: torch.Tensor) -> int | None:
     """The tensor's in-place version counter; None for inference tensors, which keep none."""
     return None if t.is_inference() else t._version
@@ -268,20 +283,21 @@ def _version(t: torch.Tensor) -> int | None:
 class LMHead:
     """logits = softcap(h @ W.T) for the rows asked, with a per-q kernel plan ({}: always `linear`)."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None, plan: dict[int, list[Piece]] | None = None, copy: str | None = None):
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None, plan: dict[int, list[Piece]] | None = None, copy: str | None = None, costs: dict | None = None):
         self.weight = weight  # [vocab, hidden]: the model's own tensor, not a copy
         self.copy_kind = copy  # None, "vm" or "packed": the plan's kernel that reads a copy of the weight
         self.copy = WEIGHT_COPIES[copy](weight) if copy else None  # the weight in that kernel's layout
         self._copied_version = _version(weight)  # an in-place change of the weight renews the copy
         self.softcap = softcap
         self.plan = plan or {}
+        self.costs = costs or {}  # head_costs(): measured seconds per q, which say when the reduced head pays
         self.reduced_ids: torch.Tensor | None = None  # [n_reduced]
         self.reduced_weight: torch.Tensor | None = None  # [n_reduced, hidden]
 
     @classmethod
     def tuned(cls, weight: torch.Tensor, softcap: float | None) -> "LMHead":
         plan, copy = head_plan(weight)
-        return cls(weight, softcap, plan, copy)
+        return cls(weight, softcap, plan, copy, head_costs(weight, plan))
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap is None:
@@ -304,14 +320,30 @@ class LMHead:
             self.reduced_ids = self.reduced_weight = None
             return
         self.reduced_ids = torch.tensor(sorted(set(ids)), device=self.weight.device)
-        self.reduced_weight = self.weight.index_select(0, self.reduced_ids).contiguous()
+        self.reduced_weight = self.weight.detach().index_select(0, self.reduced_ids)  # a copy of those rows
+
+    def reduced_pays(self, n_full: int, n_draft: int) -> bool:
+        """Whether scoring n_draft draft-only rows on the reduced head, apart from the n_full rows
+        that get the full head, is cheaper than one full product over all of them, by the measured
+        costs: plan(n_full) + mm(n_draft) x (reduced share of the vocabulary) + writing the -inf
+        logits, against plan(n_full + n_draft), with a margin of REDUCED_GAIN. False without costs."""
+        plan, mm = self.costs.get("plan", {}), self.costs.get("mm", {})
+        if self.reduced_weight is None or not n_draft or n_full + n_draft not in plan or n_full not in plan:
+            return False
+        mm_q = min((q for q in mm if q >= n_draft), default=None)
+        if mm_q is None:
+            return False
+        vocab = self.weight.shape[0]
+        fill = n_draft * vocab * 4 / FILL_BYTES_PER_S  # the [n_draft, vocab] float32 logits, mostly -inf
+        split = plan[n_full] + mm[mm_q] * self.reduced_weight.shape[0] / vocab + fill
+        return split < REDUCED_GAIN * plan[n_full + n_draft]
 
     def reduced(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [q, hidden] -> logits [q, vocab] where only the reduced vocabulary is scored
         (the other entries are -inf); the full head when no reduced vocabulary is set."""
         if self.reduced_weight is None:
             return self(hidden)
-        part = self._cap(F.linear(hidden, self.reduced_weight).float())  # [q, n_reduced]
+        part = self._cap(torch.mm(self.reduced_weight, hidden.T).T.float())  # [q, n_reduced]: `mm`, fast for any q
         full = torch.full((hidden.shape[0], self.weight.shape[0]), float("-inf"), device=hidden.device)
         full[:, self.reduced_ids] = part
         return full

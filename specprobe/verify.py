@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import use_grouped_attention
+from .draft_vocab import TokenFrequencies
 from .errors import InvalidOptionError
 from .kernels import LMHead, planned_decoder
 from .kv_cache import cache_kwargs, cache_length
@@ -66,6 +67,8 @@ class Target:
         else:
             self.decoder = model.get_decoder()
             self.head = LMHead(head, softcap)
+        # the tokens seen (prompts, committed text): their most frequent form the draft-only rows' vocabulary
+        self.token_frequencies = TokenFrequencies(self.vocab_size) if kernels == "planned" else None
         self.dtype = self.embedding.weight.dtype
         layer_types = getattr(cfg, "layer_types", None) or []
         window = getattr(cfg, "sliding_window", None)
@@ -76,6 +79,12 @@ class Target:
         else:
             self.mask_mode = "full"
         self.sliding_window = int(window) if self.mask_mode != "full" else None
+
+    def observe_tokens(self, token_ids: list[int]) -> None:
+        """Count tokens the engine processed (a prompt, a step's committed tokens); rebuild the
+        reduced draft vocabulary when its most frequent tokens have changed enough."""
+        if self.token_frequencies is not None and self.token_frequencies.observe(token_ids):
+            self.head.set_reduced_vocabulary(self.token_frequencies.top())
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int]) -> torch.Tensor:
@@ -132,7 +141,7 @@ class Target:
         n_real = 1 + len(tree)
         root = layout.n_pending - 1
         n_aux = q - root - n_real
-        if n_aux and self.head.reduced_weight is not None:
+        if self.head.reduced_pays(n_real, n_aux):
             logits = self.head(hidden[root : root + n_real])  # [1 + n, vocab]: the exact full head
             aux_logits = self.head.reduced(hidden[root + n_real :])  # [m, vocab]: draft-only rows
         else:  # one product over every row that needs logits

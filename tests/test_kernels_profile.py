@@ -1,4 +1,5 @@
-"""Kernel plans (kernels.py), the reduced head, `specprobe profile` and `specprobe tune`."""
+"""Kernel plans (kernels.py), the reduced head and its vocabulary (draft_vocab.py), `specprobe profile`
+and `specprobe tune`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import specprobe
-from specprobe import api, kernels, tune
+from specprobe import api, draft_vocab, kernels, tune
 from specprobe.cli import main
 from specprobe.kernels import MEASURED_Q, WEIGHT_COPIES, LMHead, Piece, PlannedLinear, head_kernels, plan_rows, project
 from specprobe.profile import profile
@@ -19,8 +20,9 @@ from specprobe.kv_cache import new_cache
 from specprobe.models import format_prompt
 
 
-def test_docstring_examples():
-    failed, attempted = doctest.testmod(kernels)
+@pytest.mark.parametrize("module", [kernels, draft_vocab])
+def test_docstring_examples(module):
+    failed, attempted = doctest.testmod(module)
     assert attempted > 0 and failed == 0
 
 
@@ -184,6 +186,53 @@ def test_reduced_head_is_the_full_head_restricted():
         assert top == best_kept
     head.set_reduced_vocabulary(None)
     torch.testing.assert_close(head.reduced(h), full)
+
+
+def test_reduced_head_is_used_only_where_the_measured_costs_say_it_pays():
+    w = torch.randn(8000, 16)
+    # a head whose cost grows with the rows (like Gemma3's at 8+ rows) and whose reduced part is 1/80 of it
+    costs = {"plan": {q: 0.030 + 0.004 * q for q in range(1, 65)}, "mm": {q: 0.030 + 0.004 * q for q in (1, 2, 4, 8, 16, 32, 64)}}
+    head = LMHead(w, costs=costs)
+    assert not head.reduced_pays(2, 28)  # no reduced vocabulary yet
+    head.set_reduced_vocabulary(list(range(100)))
+    assert head.reduced_pays(2, 28)  # 0.038 + 0.158 / 80 + fill < 0.85 x 0.150
+    assert not head.reduced_pays(2, 1)  # one draft row: 0.038 + ... is not 15 % under 0.042
+    assert not head.reduced_pays(2, 0)
+    assert not head.reduced_pays(40, 40)  # 80 rows: beyond the measured plans
+    assert not LMHead(w).reduced_pays(2, 28)  # no measured costs (off the CPU, or kernels="linear")
+
+
+def test_token_frequencies_rank_the_seen_tokens_first_and_rebuild_on_growth_only():
+    f = draft_vocab.TokenFrequencies(vocab_size=64)  # 8 tokens
+    assert not f.observe(list(range(50, 60)))  # 10 distinct: fewer than MIN_TOKENS, no vocabulary yet
+    assert f.observe([33] * 5 + list(range(40, 50)))  # 21 distinct: the first build
+    assert f.top() == [33, 40, 41, 42, 43, 44, 45, 46]  # the most frequent, then ties by id
+    assert not f.observe([40, 41])  # nothing new
+    assert f.observe(list(range(60, 64)) + [5])  # 26 distinct: grown by 10 % or more
+    assert f.top()[:3] == [33, 40, 41]
+    assert not f.observe([-1, 64, 1000])  # ids outside the vocabulary are ignored
+    assert f.counts.sum() == 32 and f.distinct == 26
+    unseen = draft_vocab.TokenFrequencies(vocab_size=64)
+    assert unseen.top() == list(range(8))  # nothing seen: the first ids
+
+
+@pytest.mark.parametrize("method", ["lookahead", "esp"])
+def test_reduced_head_drafts_keep_the_output_identical(smollm2, monkeypatch, method):
+    """Draft-only rows scored on a small vocabulary (forced here, whatever this machine's costs):
+    drafts change, the emitted tokens do not."""
+    prompt = "List the first ten prime numbers, separated by commas."
+    ref = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, method="ar", max_new_tokens=32)
+    target = Target.of(smollm2.model)
+    calls = []
+    reduced = target.head.reduced
+    monkeypatch.setattr(target.head, "reduced_pays", lambda n_full, n_draft: n_draft > 0)
+    monkeypatch.setattr(target.head, "reduced", lambda h: calls.append(h.shape[0]) or reduced(h))
+    monkeypatch.setattr(target, "token_frequencies", draft_vocab.TokenFrequencies(target.vocab_size))
+    monkeypatch.setattr(target.head, "reduced_ids", None)
+    monkeypatch.setattr(target.head, "reduced_weight", None)
+    out = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, method=method, max_new_tokens=32)
+    assert out.token_ids == ref.token_ids
+    assert calls and target.head.reduced_weight.shape[0] == target.vocab_size // draft_vocab.MAX_FRACTION
 
 
 # -- profile ---------------------------------------------------------------------------------------
