@@ -235,7 +235,12 @@ def _plan_cost(pieces: list[Piece], costs: dict[tuple[str, int], float]) -> floa
     return sum(costs[(p.kernel, p.run_as)] for p in pieces)
 
 
-def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[int, list[Piece]], str | None]:
+def head_timings(weight: torch.Tensor) -> dict[tuple[str, int], float]:
+    """Measured seconds per (kernel, q) for this head's shape on this machine (measured once, then read)."""
+    return load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=head_kernels(weight.dtype, weight.device))
+
+
+def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q), costs: dict[tuple[str, int], float] | None = None) -> tuple[dict[int, list[Piece]], str | None]:
     """(plan, the weight copy it reads: "vm", "packed" or None) for a vocabulary head on this machine.
 
     A copy of the head in another layout can be much faster: `vm` (one row times the transposed
@@ -247,7 +252,7 @@ def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[
     sum over COPY_QS rows by 15 % or more; of two such copies the one with the smaller sum."""
     if weight.device.type != "cpu":
         return {}, None
-    costs = load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=head_kernels(weight.dtype, weight.device))
+    costs = head_timings(weight) if costs is None else costs
 
     def option(copy: str | None) -> tuple[dict[int, list[Piece]], float, float]:
         allowed = {k: v for k, v in costs.items() if k[0] not in WEIGHT_COPIES or k[0] == copy}
@@ -263,12 +268,9 @@ def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q)) -> tuple[dict[
     return best[0], best[1]
 
 
-def head_costs(weight: torch.Tensor, plan: dict[int, list[Piece]]) -> dict[str, dict[int, float]]:
-    """Seconds per product for this head on this machine, from the saved kernel timings:
-    {"plan": {q: the plan's cost}, "mm": {q: `mm`'s cost}} ({} off the CPU, where none are measured)."""
-    if weight.device.type != "cpu" or not plan:
-        return {}
-    costs = load_or_measure_costs(tuple(weight.shape), weight.dtype, weight.device, kernels=head_kernels(weight.dtype, weight.device))
+def head_costs(plan: dict[int, list[Piece]], costs: dict[tuple[str, int], float]) -> dict[str, dict[int, float]]:
+    """Seconds per product for a head from its kernel timings: {"plan": {q: the plan's cost},
+    "mm": {q: `mm`'s cost}}."""
     return {
         "plan": {q: _plan_cost(pieces, costs) for q, pieces in plan.items()},
         "mm": {q: c for (k, q), c in costs.items() if k == "mm"},
@@ -296,8 +298,11 @@ class LMHead:
 
     @classmethod
     def tuned(cls, weight: torch.Tensor, softcap: float | None) -> "LMHead":
-        plan, copy = head_plan(weight)
-        return cls(weight, softcap, plan, copy, head_costs(weight, plan))
+        if weight.device.type != "cpu":  # no timings off the CPU: transformers' F.linear
+            return cls(weight, softcap)
+        timings = head_timings(weight)
+        plan, copy = head_plan(weight, costs=timings)
+        return cls(weight, softcap, plan, copy, head_costs(plan, timings))
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap is None:
@@ -322,20 +327,23 @@ class LMHead:
         self.reduced_ids = torch.tensor(sorted(set(ids)), device=self.weight.device)
         self.reduced_weight = self.weight.detach().index_select(0, self.reduced_ids)  # a copy of those rows
 
-    def reduced_pays(self, n_full: int, n_draft: int) -> bool:
-        """Whether scoring n_draft draft-only rows on the reduced head, apart from the n_full rows
-        that get the full head, is cheaper than one full product over all of them, by the measured
-        costs: plan(n_full) + mm(n_draft) x (reduced share of the vocabulary) + writing the -inf
-        logits, against plan(n_full + n_draft), with a margin of REDUCED_GAIN. False without costs."""
+    def reduced_pays(self, n_full: int, n_draft: int, n_reduced: int | None = None) -> bool:
+        """Whether scoring n_draft draft-only rows on a reduced head of n_reduced tokens (default:
+        the one set now), apart from the n_full rows that get the full head, is cheaper than one
+        full product over all of them, by the measured costs: plan(n_full) + mm(n_draft) x (reduced
+        share of the vocabulary) + writing the -inf logits, against plan(n_full + n_draft), with a
+        margin of REDUCED_GAIN. False without costs or without a reduced vocabulary."""
         plan, mm = self.costs.get("plan", {}), self.costs.get("mm", {})
-        if self.reduced_weight is None or not n_draft or n_full + n_draft not in plan or n_full not in plan:
+        if n_reduced is None:
+            n_reduced = 0 if self.reduced_weight is None else self.reduced_weight.shape[0]
+        if not n_reduced or not n_draft or n_full + n_draft not in plan or n_full not in plan:
             return False
         mm_q = min((q for q in mm if q >= n_draft), default=None)
         if mm_q is None:
             return False
         vocab = self.weight.shape[0]
         fill = n_draft * vocab * 4 / FILL_BYTES_PER_S  # the [n_draft, vocab] float32 logits, mostly -inf
-        split = plan[n_full] + mm[mm_q] * self.reduced_weight.shape[0] / vocab + fill
+        split = plan[n_full] + mm[mm_q] * n_reduced / vocab + fill
         return split < REDUCED_GAIN * plan[n_full + n_draft]
 
     def reduced(self, hidden: torch.Tensor) -> torch.Tensor:

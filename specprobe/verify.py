@@ -69,6 +69,7 @@ class Target:
             self.head = LMHead(head, softcap)
         # the tokens seen (prompts, committed text): their most frequent form the draft-only rows' vocabulary
         self.token_frequencies = TokenFrequencies(self.vocab_size) if kernels == "planned" else None
+        self._draft_vocabulary_due = False  # the counts moved: rebuild before the reduced head is next used
         self.dtype = self.embedding.weight.dtype
         layer_types = getattr(cfg, "layer_types", None) or []
         window = getattr(cfg, "sliding_window", None)
@@ -81,10 +82,22 @@ class Target:
         self.sliding_window = int(window) if self.mask_mode != "full" else None
 
     def observe_tokens(self, token_ids: list[int]) -> None:
-        """Count tokens the engine processed (a prompt, a step's committed tokens); rebuild the
-        reduced draft vocabulary when its most frequent tokens have changed enough."""
+        """Count tokens the engine processed (a prompt, a step's committed tokens); when the counts
+        have moved enough, the reduced draft vocabulary is rebuilt at its next use (never for
+        methods that do not use it)."""
         if self.token_frequencies is not None and self.token_frequencies.observe(token_ids):
-            self.head.set_reduced_vocabulary(self.token_frequencies.top())
+            self._draft_vocabulary_due = True
+
+    def _draft_rows_on_reduced_head(self, n_full: int, n_draft: int) -> bool:
+        """Whether this forward scores its draft-only rows on the reduced head: where the measured
+        costs say it pays, with the vocabulary rebuilt first if the counts moved."""
+        frequencies = self.token_frequencies
+        if frequencies is None or not self.head.reduced_pays(n_full, n_draft, frequencies.size):
+            return False
+        if self._draft_vocabulary_due:
+            self.head.set_reduced_vocabulary(frequencies.top())
+            self._draft_vocabulary_due = False
+        return self.head.reduced_weight is not None
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int]) -> torch.Tensor:
@@ -141,7 +154,7 @@ class Target:
         n_real = 1 + len(tree)
         root = layout.n_pending - 1
         n_aux = q - root - n_real
-        if self.head.reduced_pays(n_real, n_aux):
+        if self._draft_rows_on_reduced_head(n_real, n_aux):
             logits = self.head(hidden[root : root + n_real])  # [1 + n, vocab]: the exact full head
             aux_logits = self.head.reduced(hidden[root + n_real :])  # [m, vocab]: draft-only rows
         else:  # one product over every row that needs logits

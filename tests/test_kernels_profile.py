@@ -225,7 +225,7 @@ def test_reduced_head_drafts_keep_the_output_identical(smollm2, monkeypatch, met
     target = Target.of(smollm2.model)
     calls = []
     reduced = target.head.reduced
-    monkeypatch.setattr(target.head, "reduced_pays", lambda n_full, n_draft: n_draft > 0)
+    monkeypatch.setattr(target.head, "reduced_pays", lambda n_full, n_draft, n_reduced=None: n_draft > 0)
     monkeypatch.setattr(target.head, "reduced", lambda h: calls.append(h.shape[0]) or reduced(h))
     monkeypatch.setattr(target, "token_frequencies", draft_vocab.TokenFrequencies(target.vocab_size))
     monkeypatch.setattr(target.head, "reduced_ids", None)
