@@ -50,7 +50,7 @@ def pick_prompts(questions, n: int) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
+    p.add_argument("--questions", default="spec-bench", help="spec-bench (the packaged set), or a question JSONL file or URL")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--configs", nargs="+", default=["masks=3,branching=4,budget=8"])

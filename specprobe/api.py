@@ -1,12 +1,14 @@
-"""The Python API: `generate(model, tokenizer, prompt, method=...)`."""
+"""The Python API: `generate(model, tokenizer, prompt, method=...)`, and `prepare`, which does a
+method's one-time work (kernel plans, the cost curve, weight copies) before anything is timed."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
 from .decode import GenerationResult, decode
-from .drafters import make_drafter
+from .drafters import DEFAULT_METHOD, make_drafter
 from .errors import InvalidOptionError
 from .models import format_prompt
 from .sampling import SamplingConfig
@@ -28,7 +30,7 @@ def generate(
     model,
     tokenizer,
     prompt,
-    method: str = "esp",
+    method: str = DEFAULT_METHOD,
     max_new_tokens: int = 128,
     *,
     chat: bool | None = None,
@@ -65,3 +67,44 @@ def generate(
     stats.wall_time += stats.adapt_time
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return GenerationResult(text, ids, prompt_ids, stats, stop, method)
+
+
+WARMUP_PROMPT = "Say hello."  # not a benchmark question: a drafter that learns online (omnidraft) must not see one early
+WARMUP_TOKENS = 8
+USES_COST_CURVE = ("esp", "hybrid", "eagle", "confu")  # methods whose --budget auto reads the cost curve
+
+
+def _stderr(line: str) -> None:
+    print(f"specprobe: {line}", file=sys.stderr, flush=True)
+
+
+def prepare(
+    model, tokenizer, methods: list[str], options: dict[str, dict] | None = None, log: Callable[[str], None] | None = _stderr, warm_up: bool = True
+) -> float:
+    """Do now, before anything is timed, the one-time work the first generation of each method
+    would otherwise pay for: the engine's copy of the model with its kernel plans and weight copies
+    (kernels.py), the cost curve that `--budget auto` reads (profile.py; measured once per machine
+    and saved), and a short warm-up generation of each method (ESP's vocabulary statistics, first
+    calls' allocations; `warm_up=False` leaves it to the caller). Each piece that took time is
+    announced through `log` with its duration. Returns the seconds spent."""
+    from .profile import cost_curve, target_cost_curve
+
+    log = log or (lambda line: None)
+    options = options or {}
+    start = time.perf_counter()
+    target = Target.of(model)
+    took = time.perf_counter() - start
+    if took > 0.5:
+        log(f"preparing the engine for this model (kernel plans, weight copies): {took:.1f} s")
+    if any(m in USES_COST_CURVE for m in methods):
+        t0 = time.perf_counter()
+        fresh = getattr(target, "_cost_curve", None) is None and cost_curve(target, measure_if_missing=False) is None
+        target_cost_curve(target)
+        if fresh:
+            log(f"measuring this machine's cost curve once: {time.perf_counter() - t0:.1f} s")
+    if warm_up and methods:
+        t0 = time.perf_counter()
+        for m in dict.fromkeys(methods):
+            generate(model, tokenizer, WARMUP_PROMPT, method=m, max_new_tokens=WARMUP_TOKENS, **options.get(m, {}))
+        log(f"warm-up of {', '.join(dict.fromkeys(methods))}: {time.perf_counter() - t0:.1f} s")
+    return time.perf_counter() - start

@@ -12,7 +12,7 @@ import json
 import sys
 
 from . import __version__
-from .errors import SpecProbeError
+from .errors import InvalidOptionError, SpecProbeError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
 # CLI flag -> (drafter option name, type, help). Flags a method does not take are ignored for it.
@@ -107,58 +107,97 @@ class TextStream:
         self.out.flush()
 
 
+def compare_methods(args: argparse.Namespace) -> list[str] | None:
+    """The methods `--compare` runs beside ar (None: no comparison). `--compare` alone compares
+    --method; `--compare esp,hybrid` those methods. A value that is not a list of methods is the
+    prompt (`--compare "Why is the sky blue?"`, the prompt given right after the flag)."""
+    from .drafters import METHODS
+
+    value = args.compare
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if value and names and all(n in METHODS for n in names):
+        return list(dict.fromkeys(names))
+    if value and args.prompt is None:  # the prompt, taken by the flag
+        args.prompt = value
+    elif value:
+        unknown = [n for n in names if n not in METHODS]
+        raise InvalidOptionError(f"--compare: unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown) or repr(value)}; choose from {', '.join(METHODS)}")
+    return [args.method]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import generate, load
+    from .api import prepare
     from .drafters import DRAFT_MODEL_METHODS, make_drafter
 
+    compared = compare_methods(args)
+    if args.prompt is None:
+        raise SpecProbeError("give a prompt (or '-' to read standard input)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise SpecProbeError("the prompt is empty")
-    options = method_options(args, args.method)
+    methods = compared or [args.method]
+    options = {m: method_options(args, m) for m in methods}
     sampling = sampling_options(args)
-    if args.method in DRAFT_MODEL_METHODS:
-        if not args.draft_model:
-            raise SpecProbeError(f"--method {args.method} needs --draft-model (a model name, or truncated:N)")
-    else:
-        make_drafter(args.method, **options)  # validate the options before the slow model load
+    for m in methods:
+        if m in DRAFT_MODEL_METHODS:
+            if not args.draft_model:
+                raise SpecProbeError(f"--method {m} needs --draft-model (a model name, or truncated:N)")
+        else:
+            make_drafter(m, **options[m])  # validate the options before the slow model load
     lm = load(args.model, dtype=args.dtype, device=args.device)
-    if args.method in DRAFT_MODEL_METHODS:
+    if any(m in DRAFT_MODEL_METHODS for m in methods):
         from .models import load_draft
 
-        options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
+        draft = load_draft(args.draft_model, lm, args.dtype, args.device)
+        for m in methods:
+            if m in DRAFT_MODEL_METHODS:
+                options[m]["draft_model"] = draft
     chat = False if args.raw else None
-    if args.compare:  # warm up kernels and caches so neither timed run pays for it
-        generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=4, chat=chat)
+    if compared:  # every one-time piece of work now, announced, so that no timed run pays for it
+        prepare(lm.model, lm.tokenizer, ["ar", *methods], options)
     stream = None if args.json else TextStream(lm.tokenizer)
-    result = generate(
-        lm.model, lm.tokenizer, prompt, method=args.method, max_new_tokens=args.max_new_tokens, chat=chat, on_tokens=stream, **sampling, **options
-    )
-    if stream is not None:
-        stream.close()
-    record = result.to_dict()
-    record.pop("token_ids")
-    record.update(model=args.model, options={k: v for k, v in options.items() if k != "draft_model"}, sampling=sampling)
-    if args.method in DRAFT_MODEL_METHODS:
-        record["options"]["draft_model"] = args.draft_model
-    if args.compare:
-        ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat, **sampling)
-        record["ar_tokens_per_s"] = ar.stats.tokens_per_s
-        record["speedup"] = result.stats.tokens_per_s / ar.stats.tokens_per_s if ar.stats.tokens_per_s else 0.0
-        record["identical_to_ar"] = ar.token_ids == result.token_ids
-    if args.json:
-        print(json.dumps(record))
-    else:
-        s = result.stats
-        line = (
-            f"[{args.method}] {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_s:.1f} tok/s, "
-            f"tau {s.tau:.2f} ({s.target_forwards} target forwards)"
+    results = {}
+    for i, m in enumerate(methods):
+        results[m] = generate(
+            lm.model, lm.tokenizer, prompt, method=m, max_new_tokens=args.max_new_tokens, chat=chat,
+            on_tokens=stream if i == 0 else None, **sampling, **options[m],
         )
-        if args.compare:
-            line += (
-                f" | ar {record['ar_tokens_per_s']:.1f} tok/s, speedup {record['speedup']:.2f}x, "
-                f"identical to ar: {'yes' if record['identical_to_ar'] else 'NO'}"
-            )
+        if i == 0 and stream is not None:
+            stream.close()
+    ar = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=args.max_new_tokens, chat=chat, **sampling) if compared else None
+
+    def record_of(m: str, result) -> dict:
+        record = result.to_dict()
+        record.pop("token_ids")
+        record.update(model=args.model, options={k: v for k, v in options[m].items() if k != "draft_model"}, sampling=sampling)
+        if m in DRAFT_MODEL_METHODS:
+            record["options"]["draft_model"] = args.draft_model
+        if ar is not None:
+            record["ar_tokens_per_s"] = ar.stats.tokens_per_s
+            record["speedup"] = result.stats.tokens_per_s / ar.stats.tokens_per_s if ar.stats.tokens_per_s else 0.0
+            record["identical_to_ar"] = ar.token_ids == result.token_ids
+        return record
+
+    records = {m: record_of(m, r) for m, r in results.items()}
+    if args.json:
+        first = dict(records[methods[0]])
+        if len(methods) > 1:
+            first["compare"] = {m: records[m] for m in methods}
+        print(json.dumps(first))
+        return 0
+    width = max(len(m) for m in [*methods, "ar"])
+    for m, result in results.items():
+        s, r = result.stats, records[m]
+        line = f"[{m}]{' ' * (width - len(m))} {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f} ({s.target_forwards} target forwards)"
+        if ar is not None:
+            line += f" | speedup {r['speedup']:.2f}x over ar, identical to ar: {'yes' if r['identical_to_ar'] else 'NO'}"
         print(line, file=sys.stderr)
+    if ar is not None:
+        s = ar.stats
+        print(f"[ar]{' ' * (width - 2)} {s.new_tokens} tokens in {s.wall_time:.2f} s: {s.tokens_per_s:.1f} tok/s", file=sys.stderr)
     return 0
 
 
@@ -173,11 +212,12 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser("bench", help="run Spec-Bench: methods x questions -> answer files, summary, plots", description="Run methods over Spec-Bench questions (interleaved, after a warm-up); write answer files, summary.json, summary.md and plots to --out.")
     add_model_args(b)
-    b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="question JSONL, a path or a URL (default: Spec-Bench's, downloaded once and cached)")
+    b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="spec-bench (default: Spec-Bench's 480 questions, shipped with specprobe), or a question JSONL file or URL")
     b.add_argument("--methods", help="comma-separated: specprobe methods and hf, hf-pld, hf-assisted, hf-uag (default: ar, hf and every method needing no draft model)")
     b.add_argument("--categories", help="comma-separated categories to run (default: all)")
     b.add_argument("--per-category", type=int, help="the first N questions of each category (default: all)")
     b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    b.add_argument("--repeats", type=int, default=1, help="runs of every (question, method), the order rotated between them; the median wall time counts (default 1)")
     b.add_argument("--turns", type=int, default=1, help="1 (default) or 2: the second turn of MT-bench questions sees the first turn's answer")
     b.add_argument("--draft-model", help="draft model for draft, omnidraft, hf-assisted and hf-uag: a model name, or truncated:N (the target's first N layers)")
     b.add_argument("--eagle-head", help="the trained head for the eagle row (specprobe train-head)")
@@ -192,7 +232,7 @@ def add_bench_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .drafters import METHODS
+    from .drafters import DEFAULT_METHOD, METHODS
 
     parser = argparse.ArgumentParser(prog="specprobe", description="Lossless speculative decoding for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"specprobe {__version__}")
@@ -200,15 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it", description="Generate greedily with a speculative method; the tokens equal plain greedy decoding.")
     add_model_args(g)
-    g.add_argument("--method", default="esp", choices=list(METHODS), help="decoding method (default esp)")
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoding method (default {DEFAULT_METHOD})")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--compare", action="store_true", help="also run ar on the same prompt; report speedup and identical_to_ar")
+    g.add_argument(
+        "--compare", nargs="?", const="", default=None, metavar="METHODS",
+        help="also run ar on the same prompt (after an announced warm-up) and report each method's speedup and identical_to_ar; "
+        "METHODS: comma-separated methods to compare (default: --method), e.g. --compare esp,hybrid",
+    )
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat/plain template")
     g.add_argument("--draft-model", help="for --method draft: a model name, or truncated:N (the target's first N layers)")
     add_method_args(g)
     add_sampling_args(g)
-    g.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    g.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
     from .profile_command import add_parser as add_profile_parser

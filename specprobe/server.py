@@ -442,11 +442,11 @@ def run_command(args) -> int:
 
 
 def add_parser(sub, add_model_args, add_method_args) -> None:
-    from .drafters import METHODS
+    from .drafters import DEFAULT_METHOD, METHODS
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--method", default="esp", choices=list(METHODS), help="decoding method (default esp)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoding method (default {DEFAULT_METHOD})")
     p.add_argument("--draft-model", help="draft model for draft, omnidraft and omnidraft-frozen: a model name, or truncated:N")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

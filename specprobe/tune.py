@@ -8,8 +8,11 @@ decoding, and ranks the candidates by their MODELLED speedup,
     new tokens x T(1) / sum over forwards of T(rows)          (T: the measured cost curve)
 
 which is free of timing noise (wall-clock speedups are recorded beside it). The winner is saved
-under `cache_root()/tuned/` for this model, dtype and device; `generate` and `bench` use it for
-`esp` and `hybrid` wherever the caller gives no option of their own.
+under `settings_root()` (`$SPECPROBE_SETTINGS`, default `cache_root()/tuned/`) for this model,
+dtype and device; `generate` and `bench` use it for `esp` and `hybrid` wherever the caller gives
+no option of their own. Unlike the measured caches beside it (kernel plans, cost curves), which
+only change speed, a saved choice changes the options a run uses; the test suite points
+`$SPECPROBE_SETTINGS` at a folder of its own.
 """
 
 from __future__ import annotations
@@ -57,10 +60,15 @@ def model_key(model) -> str:
     return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
 
 
-def settings_path(model) -> Path:
+def settings_root() -> Path:
+    """Where tuned choices live: `$SPECPROBE_SETTINGS`, else `cache_root()/tuned`."""
     from .models import cache_root
 
-    return cache_root() / "tuned" / f"{model_key(model)}.json"
+    return Path(os.environ["SPECPROBE_SETTINGS"]) if os.environ.get("SPECPROBE_SETTINGS") else cache_root() / "tuned"
+
+
+def settings_path(model) -> Path:
+    return settings_root() / f"{model_key(model)}.json"
 
 
 def tuned_options(model, method: str) -> dict:

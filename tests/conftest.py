@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ import torch
 
 import specprobe
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+from specprobe.bench.questions import packaged_questions
+
+SPEC_BENCH = packaged_questions()  # Spec-Bench's questions, shipped inside the package
+
+# Hermetic: a user's `specprobe tune` choice (it changes the options every generate call uses)
+# must not change what a test checks. Measured caches that only change speed (converted models,
+# kernel plans, cost curves) stay shared under $SPECPROBE_CACHE.
+os.environ["SPECPROBE_SETTINGS"] = tempfile.mkdtemp(prefix="specprobe-test-settings-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` (pyproject): one thread per worker process
     torch.set_num_threads(1)
@@ -30,7 +38,7 @@ def gemma3():
 @pytest.fixture(scope="session")
 def spec_bench_questions() -> list[dict]:
     if not SPEC_BENCH.is_file():
-        pytest.fail(f"Spec-Bench questions not found at {SPEC_BENCH} (../shared beside the repository)")
+        pytest.fail(f"the packaged Spec-Bench questions are missing at {SPEC_BENCH}")
     return [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
 
 

@@ -157,17 +157,17 @@ def test_write_summary_and_plots(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["methods"]["esp"]["overall"]["speedup"] == pytest.approx(s["methods"]["esp"]["overall"]["speedup"])
     assert set(on_disk["methods"]["esp"]) == {"overall", "A", "B"}
-    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "acceptance", "adapt_share", "tokens_per_s", "speedup", "identical_to_ar", "bound", "n"}
+    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "acceptance", "adapt_share", "tokens_per_s", "speedup", "identical_to_ar", "bound", "spread", "n"}
     for name in ("summary.md", "speedup.png", "accept_lengths.png", "acceptance_stream.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_rolling_mean_doctest():
+@pytest.mark.parametrize("module", ["plots", "runner"])
+def test_bench_doctests(module):
     import doctest
+    import importlib
 
-    from specprobe.bench import plots
-
-    failed, attempted = doctest.testmod(plots)
+    failed, attempted = doctest.testmod(importlib.import_module(f"specprobe.bench.{module}"))
     assert failed == 0 and attempted > 0
 
 
@@ -176,6 +176,7 @@ def test_rolling_mean_doctest():
 
 class FakeLM:
     name = "org/fake model:v1"
+    model = tokenizer = None  # never run: the tests replace run_turn and prepare
 
 
 @pytest.fixture
@@ -188,6 +189,7 @@ def fake_turns(monkeypatch):
         return TurnOutput(f"answer {len(calls)}", [1, 2, 3], 2, 0.1, [2, 1])
 
     monkeypatch.setattr(runner, "run_turn", fake_run_turn)
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: 0.0)  # no engine to prepare for a fake model
     return calls
 
 
@@ -199,19 +201,67 @@ def test_answer_files_and_interleaving(tmp_path, fake_turns):
     assert fake_turns[0][0] == "ar" and fake_turns[1][0] == "esp"  # one warm-up per method
     assert fake_turns[0][1] == [runner.WARMUP_PROMPT] and all(t[1] != [runner.WARMUP_PROMPT] for t in fake_turns[2:])  # never on a question
     runs = [m for m, msgs in fake_turns[2:] if len(msgs) == 1]
-    assert runs == ["ar", "esp", "ar", "esp"]  # question by question, methods in turn
+    assert runs == ["ar", "esp", "esp", "ar"]  # question by question, methods in turn, the order rotated per question
     assert ("ar", ["first?", "answer 3", "second?"]) in fake_turns  # turn 2 sees turn 1's answer
     path = answer_path(tmp_path, FakeLM.name, "esp")
     assert path.name == "org_fake_model_v1-esp.jsonl" == f"{safe_name(FakeLM.name)}-esp.jsonl"
     first, second = read_answer_file(path)
-    assert {"question_id", "category", "model_id", "method", "choices", "tstamp"} <= first.keys()
+    assert {"question_id", "category", "answer_id", "model_id", "method", "choices", "tstamp"} <= first.keys()
     c = first["choices"][0]
     assert c["index"] == 0 and len(c["turns"]) == 2 and len(second["choices"][0]["turns"]) == 1
-    for key in ("decoding_steps", "new_tokens", "wall_time", "accept_lengths", "token_ids"):
+    for key in ("decoding_steps", "new_tokens", "wall_time", "accept_lengths_per_turn", "token_ids"):
         assert len(c[key]) == 2, key
-    assert c["accept_lengths"][0] == [2, 1] and c["token_ids"][0] == [1, 2, 3] and c["new_tokens"] == [3, 3]
+    assert c["accept_lengths"] == [2, 1, 2, 1]  # one flat list per choice, as Spec-Bench's eval.py writes it
+    assert c["accept_lengths_per_turn"][0] == [2, 1] and c["token_ids"][0] == [1, 2, 3] and c["new_tokens"] == [3, 3]
     for name in ("summary.json", "summary.md", "speedup.png", "accept_lengths.png", "settings.json"):
         assert (tmp_path / name).is_file()
+
+
+def test_repeats_keep_the_median_and_report_the_spread(tmp_path, monkeypatch):
+    walls = iter([0.1, 0.2, 0.9, 0.4, 0.3, 0.2] * 10)  # warm-ups take the first two
+
+    def fake_run_turn(lm, method, messages, max_new_tokens, options, draft_model=None):
+        return TurnOutput("a", [1, 2, 3, 4], 2, next(walls), [2, 2])
+
+    monkeypatch.setattr(runner, "run_turn", fake_run_turn)
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: 0.0)
+    summary = run_bench(FakeLM(), QS[1:2], ["ar", "esp"], tmp_path, repeats=2, progress=False)
+    ar, esp = (read_answer_file(answer_path(tmp_path, FakeLM.name, m))[0]["choices"][0] for m in ("ar", "esp"))
+    # round 0: ar 0.9, esp 0.4; round 1 (rotated): esp 0.3, ar 0.2
+    assert ar["wall_times"] == [[0.9, 0.2]] and ar["wall_time"] == [pytest.approx(0.55)]
+    assert esp["wall_times"] == [[0.4, 0.3]] and esp["wall_time"] == [pytest.approx(0.35)]
+    assert summary["methods"]["ar"]["overall"]["spread"] == pytest.approx(0.7 / 0.55)
+    assert "2 runs of every (question, method)" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(InvalidOptionError, match="repeats"):
+        run_bench(FakeLM(), QS, ["ar"], tmp_path / "x", repeats=0)
+
+
+def test_disturbed_questions_are_flagged():
+    recs = [rec(i, "A", "ar", 10, wall, 10) for i, wall in enumerate([1.0, 1.1, 0.9, 3.0, 1.0], 1)]
+    assert [d["question_id"] for d in summarize(recs)["disturbed"]] == [4]
+    assert "disturbed: questions" in to_markdown(summarize(recs))
+    assert summarize(recs[:3] + recs[4:])["disturbed"] == []
+
+
+def spec_bench_speed(answer_file, base_file):
+    """What Spec-Bench's evaluation/speed.py does with two answer files (its arithmetic, tokens
+    counted from new_tokens for both): mean tokens/s, baseline tokens/s, mean accepted tokens."""
+    import numpy as np
+
+    speeds, accept = [], []
+    for line in open(answer_file, encoding="utf-8"):
+        c = json.loads(line)["choices"][0]
+        speeds.append(sum(c["new_tokens"]) / sum(c["wall_time"]))
+        accept.extend(c["accept_lengths"])
+    base = [sum(c["new_tokens"]) / sum(c["wall_time"]) for c in (json.loads(line)["choices"][0] for line in open(base_file, encoding="utf-8"))]
+    return np.array(speeds).mean(), np.array(base).mean(), float(np.mean(accept))
+
+
+def test_answer_files_read_as_spec_bench_does(tmp_path, fake_turns):
+    run_bench(FakeLM(), QS, ["ar", "esp"], tmp_path, max_new_tokens=4, turns=2, progress=False)
+    tps, base, accepted = spec_bench_speed(answer_path(tmp_path, FakeLM.name, "esp"), answer_path(tmp_path, FakeLM.name, "ar"))
+    assert tps == pytest.approx(30.0) and base == pytest.approx(30.0)  # 3 tokens per 0.1 s per turn
+    assert accepted == pytest.approx(1.5)  # the fake's accept lengths [2, 1] per turn
 
 
 def test_resume_skips_done_pairs(tmp_path, fake_turns):
@@ -224,7 +274,7 @@ def test_resume_skips_done_pairs(tmp_path, fake_turns):
     fake_turns.clear()
     summary = run_bench(FakeLM(), QS, ["ar", "esp", "pld"], tmp_path, resume=True, progress=False)
     runs = [m for m, _ in fake_turns[3:]]  # after the 3 warm-ups
-    assert runs == ["pld", "pld", "ar", "esp", "pld", "ar", "esp", "pld"]
+    assert runs == ["pld", "pld", "pld", "ar", "esp", "ar", "esp", "pld"]  # question 3 rotated by 2, question 4 by 3
     assert [r["question_id"] for r in read_answer_file(answer_path(tmp_path, FakeLM.name, "esp"))] == [1, 2, 3, 4]
     assert summary["questions"] == 4 and summary["methods"]["pld"]["overall"]["n"] == 4
     fake_turns.clear()

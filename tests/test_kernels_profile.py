@@ -255,7 +255,7 @@ def test_profile_cli_rejects_bad_q(argv, capsys):
 
 # -- tune -------------------------------------------------------------------------------------------
 def test_tune_saves_a_choice_that_generate_uses(smollm2, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECPROBE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SPECPROBE_SETTINGS", str(tmp_path / "tuned"))
     assert tune.tuned_options(smollm2.model, "esp") == {}
     grid = tune.candidates(["vocab-mean", "gaussian"], [1], [2])
     chosen, trials = tune.tune(smollm2, tune.PROMPTS[:1], grid, max_new_tokens=8)

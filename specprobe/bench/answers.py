@@ -1,15 +1,25 @@
 """Answer files: one JSONL file per (model, method), in Spec-Bench's answer format.
 
-A line is one question's answer:
+A line is one question's answer, with the fields Spec-Bench's own inference scripts write
+(`evaluation/eval.py`), so its `evaluation/speed.py` reads the files unchanged:
 
-    {"question_id", "category", "model_id", "method", "tstamp",
+    {"question_id", "category", "answer_id", "model_id", "tstamp",
      "choices": [{"index": 0, "turns": [text, ...], "decoding_steps": [...], "new_tokens": [...],
-                  "wall_time": [...], "accept_lengths": [[...], ...], "token_ids": [[...], ...]}]}
+                  "wall_time": [...], "accept_lengths": [n, n, ...]}]}
 
-with one entry per turn in every list. `decoding_steps` counts target forwards (for the
-transformers rows, by a forward hook on the target model; null in answer files from before that);
-`accept_lengths` is null for the transformers rows other than `hf`, which do not expose it. Lines are appended and flushed one at a time, so an interrupted run
-loses at most the line being written; readers skip such an incomplete last line.
+`turns`, `decoding_steps`, `new_tokens` and `wall_time` hold one entry per turn; `accept_lengths`
+is ONE flat list (tokens committed per target forward, over all turns), empty for the
+transformers rows other than `hf`, which do not expose it. `decoding_steps` counts target
+forwards (for the transformers rows, by a forward hook on the target model).
+
+specprobe's own fields, which Spec-Bench ignores: `method`, and per choice `accept_lengths_per_turn`
+(the same lengths, a list per turn; null where unobserved), `token_ids`, `bound_time`, `t1`,
+`draft_tokens`, `adapt_time`, and with `--repeats N` `wall_times` (per turn, the N measured wall
+times; `wall_time` is their median). Answer files written before this layout (`accept_lengths` a
+list per turn) are still read.
+
+Lines are appended and flushed one at a time, so an interrupted run loses at most the line being
+written; readers skip such an incomplete last line.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BenchError
@@ -39,6 +51,7 @@ class TurnOutput:
     t1: float | None = None  # T(1) of that curve
     draft_tokens: int | None = None  # draft tokens proposed (tree nodes, summed over forwards); None where not observable
     adapt_time: float | None = None  # seconds of the wall time spent adapting the drafter after the turn (omnidraft)
+    wall_times: list[float] = field(default_factory=list)  # every measured wall time, with --repeats N
 
 
 def safe_name(model: str) -> str:
@@ -59,28 +72,49 @@ def answer_files(out_dir: Path) -> list[Path]:
 
 
 def make_record(question: dict, model: str, method: str, turns: list[TurnOutput]) -> dict:
+    choice = {
+        "index": 0,
+        "turns": [t.text for t in turns],
+        "decoding_steps": [t.decoding_steps for t in turns],
+        "new_tokens": [len(t.token_ids) for t in turns],
+        "wall_time": [t.wall_time for t in turns],
+        "accept_lengths": [n for t in turns for n in (t.accept_lengths or [])],  # flat, as Spec-Bench's eval.py
+        "accept_lengths_per_turn": [t.accept_lengths for t in turns],
+        "token_ids": [t.token_ids for t in turns],
+        "bound_time": [t.bound_time for t in turns],
+        "t1": [t.t1 for t in turns],
+        "draft_tokens": [t.draft_tokens for t in turns],
+        "adapt_time": [t.adapt_time for t in turns],
+    }
+    if any(len(t.wall_times) > 1 for t in turns):
+        choice["wall_times"] = [t.wall_times for t in turns]
     return {
         "question_id": question["question_id"],
         "category": question["category"],
+        "answer_id": uuid.uuid4().hex[:22],
         "model_id": model,
         "method": method,
-        "choices": [
-            {
-                "index": 0,
-                "turns": [t.text for t in turns],
-                "decoding_steps": [t.decoding_steps for t in turns],
-                "new_tokens": [len(t.token_ids) for t in turns],
-                "wall_time": [t.wall_time for t in turns],
-                "accept_lengths": [t.accept_lengths for t in turns],
-                "token_ids": [t.token_ids for t in turns],
-                "bound_time": [t.bound_time for t in turns],
-                "t1": [t.t1 for t in turns],
-                "draft_tokens": [t.draft_tokens for t in turns],
-                "adapt_time": [t.adapt_time for t in turns],
-            }
-        ],
+        "choices": [choice],
         "tstamp": time.time(),
     }
+
+
+def turn_accept_lengths(choice: dict) -> list[list[int] | None]:
+    """Accept lengths per turn of an answer choice, from this layout or the one before it."""
+    if "accept_lengths_per_turn" in choice:
+        return choice["accept_lengths_per_turn"]
+    lengths = choice.get("accept_lengths") or []
+    if lengths and all(x is None or isinstance(x, list) for x in lengths):  # before: a list per turn
+        return lengths
+    return [lengths] if lengths else [None] * len(choice.get("new_tokens", []))
+
+
+def median_turn(runs: list[TurnOutput]) -> TurnOutput:
+    """One turn measured several times (--repeats): the first run's output with the median wall time."""
+    first = runs[0]
+    walls = [r.wall_time for r in runs]
+    return TurnOutput(first.text, first.token_ids, first.decoding_steps, statistics.median(walls), first.accept_lengths,
+                      first.bound_time, first.t1, first.draft_tokens, first.adapt_time, walls)
 
 
 def _valid(record) -> bool:

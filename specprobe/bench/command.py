@@ -38,6 +38,8 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         if args.per_category is not None and args.per_category < 1:
             raise InvalidOptionError(f"--per-category must be at least 1, got {args.per_category}")
+        if args.repeats < 1:
+            raise InvalidOptionError(f"--repeats must be at least 1, got {args.repeats}")
         if args.turns not in (1, 2):
             raise InvalidOptionError(f"--turns must be 1 or 2, got {args.turns}")
         methods = check_methods(split_list(args.methods) if args.methods else default_methods(), args.draft_model is not None)
@@ -58,6 +60,7 @@ def run_command(args: argparse.Namespace) -> int:
         summary = run_bench(
             lm, questions, methods, out, max_new_tokens=args.max_new_tokens, turns=args.turns, method_options=options,
             draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings, sampling=sampling,
+            repeats=args.repeats,
         )
     print((out / "summary.md").read_text(), end="")
     print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png, acceptance_stream.png", file=sys.stderr)

@@ -1,10 +1,11 @@
-"""Spec-Bench questions: fetch (once, cached), parse, select.
+"""Spec-Bench questions: the packaged set, a local file or a URL; parse, select.
 
 The question file is JSONL, one object a line with `question_id`, `category` and `turns` (the
-user messages of the conversation; MT-bench questions have two). The default is Spec-Bench's
-own file, downloaded from GitHub on first use and kept under
-`specprobe.models.cache_root()/spec_bench/`; a local path works as well, as does any JSONL
-file with those three fields.
+user messages of the conversation; MT-bench questions have two). The default, `spec-bench`, is
+Spec-Bench's own file (480 questions, 13 categories), which ships inside this package
+(`data/spec_bench/`, with its Apache-2.0 licence and provenance), so a bench runs offline. A
+local path works as well, as does a URL (downloaded once and kept under
+`specprobe.models.cache_root()/spec_bench/`), of any JSONL file with those three fields.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from pathlib import Path
 from ..errors import BenchError, InvalidOptionError
 from ..models import cache_root
 
-DEFAULT_QUESTIONS = "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl"
+DEFAULT_QUESTIONS = "spec-bench"  # the packaged copy of Spec-Bench's question.jsonl
+PACKAGED = {"spec-bench": Path(__file__).parent / "data" / "spec_bench" / "question.jsonl"}
+SPEC_BENCH_URL = "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl"
+
+
+def packaged_questions(name: str = DEFAULT_QUESTIONS) -> Path:
+    """The path of a question set shipped with specprobe."""
+    return PACKAGED[name]
 
 
 def is_url(source: str) -> bool:
@@ -97,8 +105,12 @@ def select_questions(questions: list[dict], categories: list[str] | None = None,
 
 
 def load_questions(source: str = DEFAULT_QUESTIONS, categories: list[str] | None = None, per_category: int | None = None) -> list[dict]:
-    """Read the questions at `source` (a URL or a path) and select them (see `select_questions`)."""
-    path = fetch(source) if is_url(source) else Path(source).expanduser()
+    """Read the questions at `source` (`spec-bench`, the packaged set; a URL; or a path) and select
+    them (see `select_questions`)."""
+    if source in PACKAGED:
+        path = PACKAGED[source]
+    else:
+        path = fetch(source) if is_url(source) else Path(source).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -9,25 +9,30 @@ Per method and per category (and overall), a cell holds, as Spec-Bench defines t
     acceptance      accepted draft tokens / proposed draft tokens ((new tokens - steps) / draft tokens:
                     every step commits one token of the target's own); null where unobserved
     adapt_share     share of the wall time spent adapting the drafter between requests (omnidraft)
+    spread          with --repeats: the median over answers of (slowest - fastest) / median wall time
     bound           the speedup the cost curve allows for what the method did: new tokens x T(1) /
                     the sum over its forwards of T(rows), i.e. tau x T(1) / mean T(q), with T the
                     target's measured cost curve (`specprobe profile`); null for transformers' rows
     n               answers
 
 Only questions answered by every method count, so each ratio compares the same prompts.
+`disturbed` lists the questions whose `ar` time per target forward is more than DISTURBED times
+(or less than 1 / DISTURBED of) the run's median: a slow moment of the machine, not of a method.
 Writes summary.json, summary.md and the plots (see plots.py).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
 from ..errors import BenchError
-from .answers import SETTINGS_FILE, read_answers
+from .answers import SETTINGS_FILE, read_answers, turn_accept_lengths
 
 OVERALL = "overall"
+DISTURBED = 1.5  # ar's time per forward this far off the run's median flags a question
 
 
 def tokens_per_s(record: dict) -> float:
@@ -57,7 +62,37 @@ def cell(records: list[dict], ar: dict | None = None) -> dict:
     adapt = [a for r in records for a in r["choices"][0].get("adapt_time") or [None]]
     wall = sum(sum(r["choices"][0]["wall_time"]) for r in records)
     adapt_share = sum(adapt) / wall if adapt and None not in adapt and wall > 0 and sum(adapt) >= 1e-3 * wall else None  # < 0.1%: not adapting
-    return {"tau": tau, "acceptance": acceptance, "adapt_share": adapt_share, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None, "identical_to_ar": identical, "bound": bound, "n": len(records)}
+    spreads = [s for r in records if (s := _spread(r["choices"][0])) is not None]
+    return {"tau": tau, "acceptance": acceptance, "adapt_share": adapt_share, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None,
+            "identical_to_ar": identical, "bound": bound, "spread": statistics.median(spreads) if spreads else None, "n": len(records)}
+
+
+def _spread(choice: dict) -> float | None:
+    """(slowest - fastest) / median of an answer's repeated wall times (turns summed); None without repeats."""
+    per_turn = choice.get("wall_times")
+    if not per_turn or any(len(w) < 2 for w in per_turn):
+        return None
+    totals = [sum(ws) for ws in zip(*per_turn)]
+    middle = statistics.median(totals)
+    return (max(totals) - min(totals)) / middle if middle > 0 else None
+
+
+def disturbed_questions(ar_records: list[dict]) -> list[dict]:
+    """Questions whose ar time per target forward is DISTURBED times off the run's median."""
+    per_step = {}
+    for r in ar_records:
+        c = r["choices"][0]
+        steps = sum(s or 0 for s in c["decoding_steps"])
+        if steps:
+            per_step[r["question_id"]] = sum(c["wall_time"]) / steps
+    if len(per_step) < 3:
+        return []
+    middle = statistics.median(per_step.values())
+    return [
+        {"question_id": q, "ar_ms_per_step": round(1e3 * t, 2), "times_median": round(t / middle, 2)}
+        for q, t in per_step.items()
+        if t > DISTURBED * middle or t < middle / DISTURBED
+    ]
 
 
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
@@ -80,7 +115,7 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
         cells[m] = {OVERALL: cell(recs, ar)}
         for c in categories:
             cells[m][c] = cell([r for r in recs if r["category"] == c], ar)
-        lengths = [n for r in recs for turn in r["choices"][0]["accept_lengths"] if turn is not None for n in turn]
+        lengths = [n for r in recs for turn in turn_accept_lengths(r["choices"][0]) if turn is not None for n in turn]
         if lengths:
             histogram[m] = dict(sorted(Counter(lengths).items()))
     if ar is not None:
@@ -96,6 +131,7 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
         "questions": len(qids),
         "left_out_questions": len(category_of) - len(qids),
         "accept_length_histogram": histogram,
+        "disturbed": disturbed_questions([ar[q] for q in qids]) if ar is not None else [],
         # per method with observed drafts, each question's acceptance rate in run order (plots.acceptance_stream_plot)
         "acceptance_stream": {m: s for m in order if None not in (s := [cell([by_method[m][q]])["acceptance"] for q in qids]) and s},
     }
@@ -148,6 +184,16 @@ def to_markdown(summary: dict) -> str:
     unobserved = [m for m in methods if cells[m][OVERALL]["tau"] is None]
     if unobserved:
         lines.append(f"- {', '.join(unobserved)}: transformers does not report how many forwards its assisted decoding ran, so tau is not measured (–).")
+    spreads = {m: c[OVERALL]["spread"] for m, c in cells.items() if c[OVERALL].get("spread") is not None}
+    if spreads:
+        lines.append(f"- {s.get('repeats')} runs of every (question, method), the order rotated per question and round; wall time = their median. "
+                     "Spread (median over answers of (slowest - fastest) / median): " + ", ".join(f"{m} {_fmt(v, 'pct')}" for m, v in spreads.items()) + ".")
+    elif s.get("order"):
+        lines.append("- the methods ran in an order rotated from one question to the next (no method always first).")
+    if summary.get("disturbed"):
+        flagged = ", ".join(f"{d['question_id']} ({d['times_median']:.2f}x)" for d in summary["disturbed"])
+        lines.append(f"- disturbed: questions whose ar time per forward is over {DISTURBED}x (or under 1/{DISTURBED} of) the run's median, "
+                     f"a slow moment of the machine that hit every method running then: {flagged}.")
     if summary["left_out_questions"]:
         lines.append(f"- {summary['left_out_questions']} question(s) without an answer from every method (an interrupted run) are left out.")
     return "\n".join(lines) + "\n"

@@ -5,9 +5,12 @@ four reference rows run by transformers itself: `hf` (`model.generate`, greedy),
 (its prompt lookup, 10 tokens), `hf-assisted` (its assisted generation with the draft model) and
 `hf-uag` (its universal assisted generation: a draft model with a different tokenizer).
 
-One short warm-up generation per method, on a prompt of its own, comes first (not recorded: first calls pay for kernel
-selection and allocations), then the methods run in turn on each question (A B C, A B C, ...), so
-a slow-down of the machine during the run hits every method alike.
+First each method's one-time work (`specprobe.api.prepare`: kernel plans, the cost curve, a
+short warm-up generation on a prompt of its own), announced on stderr, so no question's time holds
+it. Then the methods run in turn on each question, in an order rotated from one question to the
+next (A B C, B C A, C A B, ...), so a slow moment of the machine hits every method alike and no
+method always runs first. `repeats=N` runs every (question, method) N times, rotating again
+between rounds, and keeps the median wall time (report.py shows the spread).
 """
 
 from __future__ import annotations
@@ -20,22 +23,30 @@ from pathlib import Path
 
 import torch
 
-from ..api import generate
+from ..api import WARMUP_PROMPT, WARMUP_TOKENS, generate, prepare
 from ..budget import CostCurve
 from ..profile import target_cost_curve
 from ..verify import Target
 from ..drafters import DRAFT_MODEL_METHODS, METHODS
 from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
-from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, read_answer_file
+from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, median_turn, read_answer_file
 from .progress import make_progress
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted", "hf-uag")
 HF_PLD_TOKENS = 10
-WARMUP_TOKENS = 8
-WARMUP_PROMPT = "Say hello."  # not a benchmark question: a drafter that learns online (omnidraft) must not see one early
 # settings that must not change between a run and its --resume (answers would not compare)
-RESUME_KEYS = ("model", "max_new_tokens", "turns", "draft_model", "dtype", "device")
+RESUME_KEYS = ("model", "max_new_tokens", "turns", "draft_model", "dtype", "device", "repeats")
+
+
+def rotated(methods: list[str], k: int) -> list[str]:
+    """The methods in the order of round k: rotated left by k.
+
+    >>> rotated(["ar", "esp", "pld"], 1)
+    ['esp', 'pld', 'ar']
+    """
+    k %= max(1, len(methods))
+    return methods[k:] + methods[:k]
 
 
 def all_methods() -> list[str]:
@@ -174,6 +185,7 @@ def run_bench(
     progress: bool | None = None,
     settings: dict | None = None,
     sampling: dict | None = None,
+    repeats: int = 1,
 ) -> dict:
     """Run `methods` on `questions` with the loaded model `lm` (a `specprobe.models.LoadedModel`),
     write the answer files, summary.json, summary.md and the plots into `out_dir`; returns the summary.
@@ -183,6 +195,7 @@ def run_bench(
     and `hf-uag` (`omnidraft` and `hf-uag` read its tokenizer; the others also take a bare model).
     progress: True for the rich bar, False for a line per question, None to pick by stderr being a terminal.
     settings: extra entries recorded in settings.json and the summary (question source, dtype, ...).
+    repeats: runs of every (question, method); the answer keeps the median wall time.
     """
     from .report import write_summary
 
@@ -190,6 +203,8 @@ def run_bench(
         raise InvalidOptionError(f"--turns must be 1 or 2, got {turns!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise InvalidOptionError(f"--repeats must be a positive integer, got {repeats!r}")
     draft = getattr(draft_model, "model", draft_model)
     if any(m in methods for m in ("hf-uag", "omnidraft", "omnidraft-frozen")) and not hasattr(draft_model, "tokenizer"):
         raise InvalidOptionError("hf-uag and omnidraft(-frozen) need the draft model's tokenizer: pass a LoadedModel (specprobe.load(name))")
@@ -215,6 +230,8 @@ def run_bench(
         "transformers": __import__("transformers").__version__,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
         "sampling": sampling if sampling.get("temperature", 0) > 0 else None,
+        "repeats": repeats,
+        "order": "rotated per question",
         **(settings or {}),
     }
     record_settings = _prepare_dir(out, record_settings, resume)
@@ -225,19 +242,27 @@ def run_bench(
     todo = [(q, [m for m in methods if (m, q["question_id"]) not in done]) for q in questions]
     todo = [(q, ms) for q, ms in todo if ms]
     if todo:
-        for m in dict.fromkeys(m for _, ms in todo for m in ms):  # the methods with work left
+        pending = list(dict.fromkeys(m for _, ms in todo for m in ms))  # the methods with work left
+        prepare(lm.model, lm.tokenizer, [m for m in pending if m not in HF_METHODS], run_options, warm_up=False)
+        t0 = time.perf_counter()
+        for m in pending:  # each method's own first-call work (and transformers' rows'), out of the timed runs
             run_turn(lm, m, [{"role": "user", "content": WARMUP_PROMPT}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft_model)
+        print(f"specprobe bench: warm-up of {', '.join(pending)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         try:
-            with make_progress(len(todo), sum(len(ms) for _, ms in todo), progress) as bar:
-                for q, ms in todo:
+            with make_progress(len(todo), repeats * sum(len(ms) for _, ms in todo), progress) as bar:
+                for i, (q, ms) in enumerate(todo):
+                    runs: dict[str, list[list[TurnOutput]]] = {m: [] for m in ms}
+                    for r in range(repeats):
+                        for m in rotated(ms, i + r):
+                            bar.start(q, m)
+                            runs[m].append(run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft_model))
+                            bar.finished(q, m)
                     records = []
-                    for m in ms:
-                        bar.start(q, m)
-                        outputs = run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft_model)
+                    for m in ms:  # answer files in the methods' own order
+                        outputs = [median_turn([run[t] for run in runs[m]]) if repeats > 1 else runs[m][0][t] for t in range(len(runs[m][0]))]
                         record = make_record(q, lm.name, m, outputs)
                         append_record(answer_path(out, lm.name, m), record)
                         records.append(record)
-                        bar.finished(q, m)
                     bar.question_done(q, records)
         except KeyboardInterrupt:
             print(f"specprobe bench: stopped; the answers so far are in {out} (run again with --resume)", file=sys.stderr)
