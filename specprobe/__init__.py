@@ -6,20 +6,22 @@
     print(out.text, out.stats.tau)
 """
 
-from .api import generate
-from .decode import GenerationResult, GenerationStats
-from .drafters import METHODS
+from .api import generate, prepare
+from .drafters import DEFAULT_METHOD, METHODS
+from .engine.decode import GenerationResult, GenerationStats
 from .errors import InvalidOptionError, ModelNotFoundError, PromptTooLongError, SpecProbeError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, format_prompt, load
 
 __version__ = "0.1.0"
 __all__ = [
     "generate",
+    "prepare",
     "load",
     "format_prompt",
     "GenerationResult",
     "GenerationStats",
     "METHODS",
+    "DEFAULT_METHOD",
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
     "SpecProbeError",

@@ -7,13 +7,19 @@ import sys
 import time
 from typing import Callable
 
-from .decode import GenerationResult, decode
+from .backends import backend_for
 from .drafters import DEFAULT_METHOD, make_drafter
+from .engine.decode import GenerationResult, decode
+from .engine.protocol import Backend
+from .engine.sampling import SamplingConfig
 from .errors import InvalidOptionError
 from .models import format_prompt
-from .sampling import SamplingConfig
-from .tune import tuned_options
-from .verify import Target
+from .tuned import tuned_options
+
+
+def target_of(model) -> Backend:
+    """The backend that runs `model` (built once per model, kept by the model)."""
+    return backend_for(model)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -34,37 +40,34 @@ def generate(
     max_new_tokens: int = 128,
     *,
     chat: bool | None = None,
-    on_tokens: Callable[[list[int]], None] | None = None,
+    on_tokens: Callable[[list[int]], bool | None] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
     **options,
 ) -> GenerationResult:
-    """Generate greedily with a speculative `method`; the tokens equal plain greedy decoding.
+    """Generate with a speculative `method`; the tokens equal plain decoding's (greedy: the same
+    tokens; sampling: the same distribution, and with a seed the same text).
 
     prompt: a string (formatted with the chat template, or the plain template, see
     `specprobe.models`), a list of chat messages, or a list of token ids.
     options: the method's options (for ESP: masks, branching, budget, mask_init, ema_lambda). For esp
     and hybrid, options not given come from `specprobe tune`'s saved choice for this model, if any.
-    on_tokens: called with each step's newly committed token ids (for streaming).
+    on_tokens: called with each step's newly committed token ids (for streaming); returning True
+    ends the generation there (stop reason "stop").
     temperature, top_p, top_k, seed: sampling as in transformers' `generate` (temperature 0, the
     default, is greedy). Sampled tokens follow the target's own distribution exactly, whatever the
-    method (sampling.py); the same seed on the same machine gives the same output.
+    method (engine/sampling.py); the same seed on the same machine gives the same output.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     sampling = SamplingConfig(temperature, top_p, top_k, seed)
     tuned = tuned_options(model, method)  # `specprobe tune`'s choice for this model, if it ran
     drafter = make_drafter(method, **{**tuned, **{k: v for k, v in options.items() if v is not None}})
     prompt_ids = format_prompt(tokenizer, prompt, chat)
-    target = Target.of(model)
-    drafter.set_tokenizer(tokenizer)
-    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling)
-    t0 = time.perf_counter()
-    drafter.finish()  # e.g. omnidraft's online distillation: its time counts in the request's wall time
-    stats.adapt_time = time.perf_counter() - t0
-    stats.wall_time += stats.adapt_time
+    target = target_of(model)
+    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling, tokenizer)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return GenerationResult(text, ids, prompt_ids, stats, stop, method)
 
@@ -82,25 +85,22 @@ def prepare(
     model, tokenizer, methods: list[str], options: dict[str, dict] | None = None, log: Callable[[str], None] | None = _stderr, warm_up: bool = True
 ) -> float:
     """Do now, before anything is timed, the one-time work the first generation of each method
-    would otherwise pay for: the engine's copy of the model with its kernel plans and weight copies
-    (kernels.py), the cost curve that `--budget auto` reads (profile.py; measured once per machine
-    and saved), and a short warm-up generation of each method (ESP's vocabulary statistics, first
-    calls' allocations; `warm_up=False` leaves it to the caller). Each piece that took time is
-    announced through `log` with its duration. Returns the seconds spent."""
-    from .profile import cost_curve, target_cost_curve
-
+    would otherwise pay for: the backend of the model with its kernel plans and weight copies
+    (backends/torch/kernels.py), the cost curve that `--budget auto` reads (measured once per
+    machine and saved), and a short warm-up generation of each method (ESP's vocabulary
+    statistics, first calls' allocations; `warm_up=False` leaves it to the caller). Each piece that
+    took time is announced through `log` with its duration. Returns the seconds spent."""
     log = log or (lambda line: None)
     options = options or {}
     start = time.perf_counter()
-    target = Target.of(model)
+    target = target_of(model)
     took = time.perf_counter() - start
     if took > 0.5:
         log(f"preparing the engine for this model (kernel plans, weight copies): {took:.1f} s")
     if any(m in USES_COST_CURVE for m in methods):
         t0 = time.perf_counter()
-        fresh = getattr(target, "_cost_curve", None) is None and cost_curve(target, measure_if_missing=False) is None
-        target_cost_curve(target)
-        if fresh:
+        target.cost_curve()
+        if time.perf_counter() - t0 > 0.5:
             log(f"measuring this machine's cost curve once: {time.perf_counter() - t0:.1f} s")
     if warm_up and methods:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import InvalidOptionError, SpecProbeError
+from .errors import SpecProbeError
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TOKENS = 128
@@ -34,7 +34,7 @@ class RequestError(Exception):
 
 
 class Cancelled(Exception):
-    """Raised inside the decoding loop (from the token callback) to end a generation early."""
+    """The client went away before its generation started or while it ran."""
 
 
 @dataclass
@@ -63,7 +63,8 @@ class Metrics:
         tau = self.tokens / self.forwards if self.forwards else 0.0
         tps = self.tokens / self.generation_seconds if self.generation_seconds else 0.0
         rows = [
-            ("specprobe_requests_total", "counter", "requests by outcome", [('status="ok"', self.ok), ('status="error"', self.errors), ('status="rejected"', self.rejected), ('status="cancelled"', self.cancelled)]),
+            ("specprobe_requests_total", "counter", "requests by outcome",
+             [('status="ok"', self.ok), ('status="error"', self.errors), ('status="rejected"', self.rejected), ('status="cancelled"', self.cancelled)]),
             ("specprobe_generated_tokens_total", "counter", "tokens generated", [("", self.tokens)]),
             ("specprobe_target_forwards_total", "counter", "target model forwards", [("", self.forwards)]),
             ("specprobe_tau", "gauge", "generated tokens per target forward, since start", [("", round(tau, 4))]),
@@ -138,49 +139,49 @@ class Served:
             self.metrics.queued -= 1
 
     def generate(self, p: Params, on_delta, cancel: threading.Event):
-        """Runs in a worker thread. Returns (text, finish_reason, stats)."""
+        """Runs in a worker thread. Returns (text, finish_reason, stats); raises Cancelled when the
+        client went away. A stop string or a cancel ends the generation through the loop's own
+        stop (the token callback returns True), so the drafter's `finish` runs and the statistics
+        count what was generated."""
         from .api import generate
 
         assembler = TextAssembler(self.lm.tokenizer, p.stop)
 
-        def on_tokens(ids: list[int]) -> None:
+        def on_tokens(ids: list[int]) -> bool:
             if cancel.is_set():
-                raise Cancelled()
+                return True
             delta = assembler.add(ids)
             if delta:
                 on_delta(delta)
-            if assembler.stopped:
-                raise Cancelled()
+            return assembler.stopped
 
         with self.lock:
             if cancel.is_set():
                 raise Cancelled()
             t0 = time.perf_counter()
-            try:
-                result = generate(
-                    self.lm.model, self.lm.tokenizer, p.prompt_ids, method=self.method, max_new_tokens=p.max_tokens,
-                    on_tokens=on_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed, **self.options,
-                )
-                stats, reason = result.stats, ("stop" if result.stop_reason == "eos" else "length")
-            except Cancelled:
-                if not assembler.stopped:
-                    raise
-                stats, reason = None, "stop"
+            result = generate(
+                self.lm.model, self.lm.tokenizer, p.prompt_ids, method=self.method, max_new_tokens=p.max_tokens,
+                on_tokens=on_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed, **self.options,
+            )
             elapsed = time.perf_counter() - t0
         _release_freed_memory()
+        if cancel.is_set() and not assembler.stopped:
+            raise Cancelled()
+        stats = result.stats
+        reason = "stop" if result.stop_reason in ("eos", "stop") else "length"
         tail = assembler.rest() if not assembler.stopped else ""
         if tail:
             on_delta(tail)
         n_tokens = len(assembler.ids)
-        forwards = stats.target_forwards if stats else None
-        self.metrics.tokens += n_tokens
-        self.metrics.forwards += forwards if forwards is not None else n_tokens
-        self.metrics.generation_seconds += elapsed
+        with self.admit_lock:
+            self.metrics.tokens += n_tokens
+            self.metrics.forwards += stats.target_forwards
+            self.metrics.generation_seconds += elapsed
         info = {
             "method": self.method,
             "completion_tokens": n_tokens,
-            "target_forwards": forwards,
-            "tau": (stats.tau if stats else None),
+            "target_forwards": stats.target_forwards,
+            "tau": stats.tau,
             "tokens_per_s": n_tokens / elapsed if elapsed > 0 else None,
         }
         return assembler.text, reason, info
@@ -268,9 +269,9 @@ def parse_request(body, served: Served, chat: bool) -> Params:
 
 
 def served_context(served: Served) -> int:
-    from .verify import Target
+    from .api import target_of
 
-    return Target.of(served.lm.model).max_length
+    return target_of(served.lm.model).max_length
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -407,50 +408,3 @@ def create_app(served: Served):
         return await complete(request, chat=False)
 
     return app
-
-
-def run_command(args) -> int:
-    from .cli import method_options
-    from .drafters import DRAFT_MODEL_METHODS, make_drafter
-    from .models import load, load_draft
-
-    try:
-        import uvicorn  # noqa: F401
-        import fastapi  # noqa: F401
-    except ImportError:
-        raise InvalidOptionError('specprobe serve needs FastAPI and uvicorn: pip install "specprobe[serve]"') from None
-    if args.max_queue < 1:
-        raise InvalidOptionError("--max-queue must be >= 1")
-    if not 0 < args.port < 65536:
-        raise InvalidOptionError(f"--port must be in 1..65535, got {args.port}")
-    options = method_options(args, args.method)
-    if args.method in DRAFT_MODEL_METHODS:
-        if not args.draft_model:
-            raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
-    else:
-        make_drafter(args.method, **options)  # bad options fail before the model loads
-    lm = load(args.model, dtype=args.dtype, device=args.device)
-    if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
-        options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
-        make_drafter(args.method, **options)
-    served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue)
-    import uvicorn
-
-    print(f"specprobe serve: {served.name} ({args.method}) on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-def add_parser(sub, add_model_args, add_method_args) -> None:
-    from .drafters import DEFAULT_METHOD, METHODS
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)", description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoding method (default {DEFAULT_METHOD})")
-    p.add_argument("--draft-model", help="draft model for draft, omnidraft and omnidraft-frozen: a model name, or truncated:N")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 429 (default 8)")
-    p.add_argument("--served-name", help="the model name clients use (default: --model)")
-    add_method_args(p)
-    p.set_defaults(func=run_command)

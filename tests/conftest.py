@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 import specprobe
-
 from specprobe.bench.questions import packaged_questions
 
 SPEC_BENCH = packaged_questions()  # Spec-Bench's questions, shipped inside the package

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from conftest import SPEC_BENCH
-from specprobe import cli
-from specprobe.bench import load_questions, parse_questions, run_bench, select_questions, summarize, to_markdown, write_summary
-from specprobe.bench import runner
+from specprobe.bench import load_questions, parse_questions, run_bench, runner, select_questions, summarize, to_markdown, write_summary
 from specprobe.bench.answers import TurnOutput, answer_path, read_answer_file, safe_name
+from specprobe.commands import main as cli
 from specprobe.errors import BenchError, InvalidOptionError
 
 # --- questions -------------------------------------------------------------------------------
@@ -338,7 +337,7 @@ def test_cli_summarize_only(capsys, tmp_path):
 
 def test_cli_subprocess_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "specprobe.cli", "bench", "--questions", str(SPEC_BENCH), "--methods", "zzz", "--out", "/tmp/unused-specprobe-bench"],
+        [sys.executable, "-m", "specprobe", "bench", "--questions", str(SPEC_BENCH), "--methods", "zzz", "--out", "/tmp/unused-specprobe-bench"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,16 +11,15 @@ import doctest
 import pytest
 
 import specprobe
-from specprobe import budget
-from specprobe.budget import AutoBudget, Calibration, CostCurve, best_size, nodes_tested, parse_budget
-from specprobe.cli import main
+from conftest import hf_greedy, varied_prompts
+from specprobe.commands.main import main
 from specprobe.drafters import hybrid, make_drafter
 from specprobe.drafters.hybrid import ScoredPath, SourceRates, merge_scored
+from specprobe.engine import budget
+from specprobe.engine.budget import AutoBudget, Calibration, CostCurve, best_size, nodes_tested, parse_budget
+from specprobe.engine.tree import ROOT
 from specprobe.errors import InvalidOptionError
 from specprobe.models import format_prompt
-from specprobe.tree import ROOT
-
-from conftest import hf_greedy, varied_prompts
 
 
 @pytest.mark.parametrize("module", [budget, hybrid])

@@ -16,11 +16,11 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 import specprobe
 from specprobe.api import generate
-from specprobe.attention import NAME as GROUPED
-from specprobe.drafters.prompt_lookup import build_trie
-from specprobe.kv_cache import new_cache
-from specprobe.tree import DraftTree
-from specprobe.verify import Target
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.attention import NAME as GROUPED
+from specprobe.backends.torch.kv_cache import new_cache
+from specprobe.drafters.ngram import build_trie
+from specprobe.engine.tree import DraftTree
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # repeats, so that prompt lookup and the hybrid have something to copy; 19 tokens > the window
@@ -73,7 +73,7 @@ def test_every_method_equals_hf_generate_on_tiny_models(tiny_dir, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_engine_attention_is_grouped_on_every_device(tiny_dir, device):
     lm = specprobe.load(str(tiny_dir), device=device)
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     assert target.decoder is not lm.model.get_decoder()  # the engine's own copy ...
     assert target.decoder.config._attn_implementation == GROUPED  # ... attending without repeat_kv
     assert lm.model.config._attn_implementation == "sdpa"  # the user's model is untouched
@@ -86,7 +86,7 @@ def test_rows_match_single_rows_in_33_row_steps(tiny_dir, device):
     (docs/gpu/h100-sdpa-check.md), as a chain (the model's own masks) and as a tree (the engine's
     masks): the logits of every node on the chain equal those of its tokens fed one at a time."""
     lm = specprobe.load(str(tiny_dir), device=device)
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     text = torch.randint(3, 49152, (600,), generator=torch.Generator().manual_seed(1)).tolist()
     for past in (480, 512):  # the step's keys: 480 + 33 = 513 and 512 + 33 = 545
         chain = text[past + 1 : past + 33]

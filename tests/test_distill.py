@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specprobe import distill
-from specprobe.distill import Alignment, DistillConfig, OnlineDistiller, align_for_distillation, hybrid_loss
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.kv_cache import cache_kwargs, cache_length, new_cache
+from specprobe.drafters.omnidraft import distill
+from specprobe.drafters.omnidraft.distill import Alignment, DistillConfig, OnlineDistiller, align_for_distillation, hybrid_loss
 from specprobe.errors import InvalidOptionError
-from specprobe.kv_cache import cache_kwargs, cache_length, new_cache
 
 
 def test_doctests():
@@ -68,7 +69,8 @@ def test_distiller_learns_and_leaves_the_users_model_alone(tiny):
     with torch.inference_mode():
         d.model(input_ids=ids[:, :5], use_cache=True, **cache_kwargs(d.model, cache))
     assert cache_length(cache) == 5
-    losses = [d.update(draft_ids, 5, cache, alignment, target, shared) for _ in range(30)]
+    backend = TorchBackend.of(tiny)  # the drafter's backend: how the distiller reaches the cache
+    losses = [d.update(backend, draft_ids, 5, cache, alignment, target, shared) for _ in range(30)]
     assert losses[-1] < 0.8 * losses[0], losses
     with torch.no_grad():  # the drafting twin holds base + LoRA delta
         assert torch.allclose(d.draft_model(input_ids=ids).logits, d.model(input_ids=ids).logits, atol=1e-4)
@@ -86,7 +88,7 @@ def test_distiller_learns_and_leaves_the_users_model_alone(tiny):
 
 def test_nothing_to_learn_is_no_update(tiny):
     d = OnlineDistiller(tiny, DistillConfig(rank=2, layers=1))
-    assert d.update([1, 2, 3], 0, new_cache(), Alignment(), torch.zeros(0, 4), torch.arange(4)) is None
+    assert d.update(TorchBackend.of(tiny), [1, 2, 3], 0, new_cache(), Alignment(), torch.zeros(0, 4), torch.arange(4)) is None
     assert d.updates == 0
 
 

@@ -17,14 +17,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import specprobe
 import specprobe.api
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.kv_cache import cache_length, new_cache, snapshot
+from specprobe.backends.torch.truncate import truncated_model
 from specprobe.drafters import make_drafter
-from specprobe.drafters.base import Acceptance, StepResult
 from specprobe.drafters.draft_model import DraftModelConfig
+from specprobe.engine.protocol import Acceptance, StepResult
+from specprobe.engine.tree import DraftTree
 from specprobe.errors import InvalidOptionError
-from specprobe.kv_cache import cache_length, new_cache, snapshot
-from specprobe.models import format_prompt, truncated_model
-from specprobe.tree import DraftTree
-from specprobe.verify import Target
+from specprobe.models import format_prompt
 
 NEW_TOKENS = 64
 PROMPTS = [
@@ -104,7 +105,7 @@ def test_full_depth_draft_is_always_accepted(smollm2, run):
 def one_step(lm, draft_model, **options):
     """A drafter started on a prompt and its first proposal."""
     drafter = make_drafter("draft", draft_model=draft_model, **options)
-    session = SimpleNamespace(target=Target(lm.model), ids=format_prompt(lm.tokenizer, PROMPTS[0]))
+    session = SimpleNamespace(target=TorchBackend(lm.model), ids=format_prompt(lm.tokenizer, PROMPTS[0]))
     drafter.start(session)
     return drafter, session, drafter.propose(session)
 
@@ -226,7 +227,7 @@ def test_cli_generate_with_a_truncated_draft_model():
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "specprobe.cli", "generate", "--method", "draft", "--draft-model", "truncated:6",
+        [sys.executable, "-m", "specprobe", "generate", "--method", "draft", "--draft-model", "truncated:6",
          "--num-tokens", "3", "--max-new-tokens", "12", "--json", "--compare", PROMPTS[2]],
         capture_output=True, text=True, timeout=300,
     )

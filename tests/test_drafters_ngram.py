@@ -8,19 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from specprobe.drafters import make_drafter
-from specprobe.drafters import lookahead, prompt_lookup
-from specprobe.drafters.base import Acceptance, Proposal, StepResult
-from specprobe.drafters.lookahead import JacobiWindow, LookaheadConfig, LookaheadDrafter, NGramPool, window_layout
-from specprobe.drafters.prompt_lookup import PLDConfig, PLDDrafter, build_trie, find_continuations
+from specprobe.drafters import lookahead, make_drafter, ngram
+from specprobe.drafters.lookahead import JacobiWindow, LookaheadConfig, LookaheadDrafter, window_layout
+from specprobe.drafters.ngram import NGramPool, build_trie, find_continuations
+from specprobe.drafters.prompt_lookup import PLDConfig, PLDDrafter
+from specprobe.engine.protocol import Acceptance, Proposal, StepResult, VerifyOutput
+from specprobe.engine.tree import ROOT, Layout, rows_structure
 from specprobe.errors import InvalidOptionError
-from specprobe.tree import ROOT, Layout, rows_structure
-from specprobe.verify import VerifyOutput
 
 VOCAB = 50
 
 
-@pytest.mark.parametrize("module", [prompt_lookup, lookahead])
+@pytest.mark.parametrize("module", [ngram, lookahead])
 def test_docstring_examples(module):
     failed, attempted = doctest.testmod(module)
     assert attempted > 0 and failed == 0
@@ -285,7 +284,7 @@ def test_lookahead_skips_window_update_without_rows():
     session = SimpleNamespace(ids=[1, 2, 3], target=FakeTarget())
     drafter.start(session)
     before = drafter.window
-    empty = StepResult(Proposal(), VerifyOutput(one_hot_logits([4]), None), Acceptance([], [4]), [4])
+    empty = StepResult(Proposal(), VerifyOutput(one_hot_logits([4]), None), Acceptance([], [4]), [4], drafts_dropped=True)
     session.ids.append(4)
     drafter.observe(session, empty)
     assert drafter.window == before

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import specprobe
-from specprobe.draft_head import DraftHead, HeadConfig
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.kv_cache import new_cache
 from specprobe.drafters import make_drafter
+from specprobe.engine.tree import ROOT, AuxRows, DraftTree
 from specprobe.errors import InvalidOptionError
+from specprobe.heads.draft_head import DraftHead, HeadConfig
+from specprobe.heads.train import TrainOptions, compute_examples, read_chats, train, unrolled_loss
 from specprobe.models import format_prompt
-from specprobe.train_head import TrainOptions, compute_examples, read_chats, train, unrolled_loss
-from specprobe.tree import ROOT, AuxRows, DraftTree
-from specprobe.verify import Target
-from specprobe.kv_cache import new_cache
 
 PROMPTS = [
     "Write a haiku about autumn leaves.",
@@ -99,9 +99,9 @@ def heads(smollm2, answers, tmp_path_factory):
     with data.open("a") as f:
         f.write(data.read_text())
     common["conversations"] = 6
-    eagle = train(smollm2, TrainOptions(epochs=12, **common), root / "eagle")
+    train(smollm2, TrainOptions(epochs=12, **common), root / "eagle")
     history = json.loads((root / "eagle" / "training.json").read_text())
-    confu = train(smollm2, TrainOptions(epochs=2, contemplate=2, anchors=8, init=str(root / "eagle"), **common), root / "confu")
+    train(smollm2, TrainOptions(epochs=2, contemplate=2, anchors=8, init=str(root / "eagle"), **common), root / "confu")
     return root / "eagle", root / "confu", history
 
 
@@ -133,7 +133,7 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path):
 
 
 def test_contemplate_rows_leave_the_real_logits_unchanged(smollm2, heads):
-    target = Target.of(smollm2.model)
+    target = TorchBackend.of(smollm2.model)
     head = DraftHead.load(heads[1])
     ids = format_prompt(smollm2.tokenizer, PROMPTS[0])
     tree = DraftTree([100, 200, 300], [ROOT, 0, ROOT])
@@ -185,7 +185,7 @@ def test_bad_heads_are_clear_errors(smollm2, heads, tmp_path):
 
 
 def test_unrolled_loss_reports_one_agreement_per_depth(smollm2):
-    target = Target.of(smollm2.model)
+    target = TorchBackend.of(smollm2.model)
     head = DraftHead(HeadConfig.for_target(target))
     head.init_from_target(target)
     ex = compute_examples(smollm2, [[{"role": "user", "content": "Count from one to ten."}]], head.config.feature_layers, 32)[0]
@@ -194,7 +194,7 @@ def test_unrolled_loss_reports_one_agreement_per_depth(smollm2):
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(smollm2, answers, tmp_path, monkeypatch):
-    import specprobe.train_head as th
+    import specprobe.heads.train as th
 
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"turns": [p, smollm2.tokenizer.decode(a, skip_special_tokens=True)]}) + "\n" for p, a in zip(PROMPTS, answers)))

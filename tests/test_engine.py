@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from specprobe.kv_cache import cache_kwargs, keep_rows, new_cache, snapshot
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.kv_cache import cache_kwargs, keep_rows, new_cache, snapshot
+from specprobe.engine.tree import ROOT, AuxRows, DraftTree
 from specprobe.models import format_prompt
-from specprobe.tree import ROOT, AuxRows, DraftTree
-from specprobe.verify import Target
 
 # fp32 logits of a q-row forward and a one-row forward differ by kernel rounding only
 ATOL = 2e-3
@@ -26,7 +26,7 @@ def context_ids(lm, questions, long: bool) -> list[int]:
     raise AssertionError("no prompt of the wanted length")
 
 
-def tree_and_masks(target: Target, ids: list[int]):
+def tree_and_masks(target: TorchBackend, ids: list[int]):
     """A branching tree of real tokens (from the context) and a 2-mask chain after two nodes."""
     t = ids[-12:]
     tree = DraftTree([t[0], t[1], t[2], t[3], t[4], t[5]], [ROOT, ROOT, 0, 0, 2, 1])
@@ -35,7 +35,7 @@ def tree_and_masks(target: Target, ids: list[int]):
     return tree, aux
 
 
-def fresh_logits(target: Target, ids: list[int], extra_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def fresh_logits(target: TorchBackend, ids: list[int], extra_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Last-row logits of one plain forward over ids (+ extra input embeddings) from an empty cache."""
     embeds = target.embed(ids)
     if extra_embeds is not None:
@@ -46,7 +46,7 @@ def fresh_logits(target: Target, ids: list[int], extra_embeds: torch.Tensor | No
 
 
 def check_tree_logits(lm, questions, long):
-    target = Target(lm.model)
+    target = TorchBackend(lm.model)
     ids = context_ids(lm, questions, long)
     prefix, pending = ids[:-1], ids[-1:]
     cache = new_cache()
@@ -82,7 +82,7 @@ def test_tree_logits_equal_sequential_gemma3(gemma3, spec_bench_questions, long)
 @pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
 def test_cache_after_step_equals_recomputation(model_name, request, spec_bench_questions):
     lm = request.getfixturevalue(model_name)
-    target = Target(lm.model)
+    target = TorchBackend(lm.model)
     ids = context_ids(lm, spec_bench_questions, long=False)
     cache = new_cache()
     target.forward(cache, ids[:-1], DraftTree())

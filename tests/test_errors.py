@@ -8,14 +8,14 @@ import sys
 import pytest
 
 import specprobe
-from specprobe.decode import decode
+from specprobe.backends.torch import TorchBackend
 from specprobe.drafters import make_drafter
-from specprobe.verify import Target
+from specprobe.engine.decode import decode
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "specprobe.cli", *args],
+        [sys.executable, "-m", "specprobe", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -76,11 +76,11 @@ def test_api_errors(smollm2):
 
 
 def test_generation_stops_at_the_context_limit(smollm2):
-    target = Target(smollm2.model)
+    target = TorchBackend(smollm2.model)
     target.max_length = 40  # pretend the context is tiny
     prompt = smollm2.tokenizer("Count: one two three four five six seven eight nine ten").input_ids
     ids, stats, stop = decode(target, prompt, make_drafter("esp"), 100, eos_ids=set())
     assert stop == "context"
     assert len(prompt) + len(ids) == 40
-    ref, _, _ = decode(Target(smollm2.model), prompt, make_drafter("ar"), len(ids), eos_ids=set())
+    ref, _, _ = decode(TorchBackend(smollm2.model), prompt, make_drafter("ar"), len(ids), eos_ids=set())
     assert ids == ref

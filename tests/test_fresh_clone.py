@@ -44,7 +44,7 @@ def test_spec_bench_questions_ship_with_the_package():
 
 
 def test_tests_do_not_read_the_users_tuned_settings():
-    from specprobe.models import cache_root
-    from specprobe.tune import settings_root
+    from specprobe.store import cache_root
+    from specprobe.tuned import settings_root
 
     assert cache_root() not in settings_root().parents  # conftest gives the session a folder of its own

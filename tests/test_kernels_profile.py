@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import specprobe
-from specprobe import api, draft_vocab, kernels, tune
-from specprobe.cli import main
-from specprobe.kernels import MEASURED_Q, WEIGHT_COPIES, LMHead, Piece, PlannedLinear, head_kernels, plan_rows, project
-from specprobe.profile import profile
-from specprobe.tree import ROOT, DraftTree
-from specprobe.verify import Target
-from specprobe.kv_cache import new_cache
+from specprobe import api, tune, tuned
+from specprobe.backends.torch import TorchBackend, draft_vocab, kernels
+from specprobe.backends.torch.kernels import MEASURED_Q, WEIGHT_COPIES, LMHead, Piece, PlannedLinear, head_kernels, plan_rows, project
+from specprobe.backends.torch.kv_cache import new_cache
+from specprobe.backends.torch.profile import profile
+from specprobe.commands.main import main
+from specprobe.engine.tree import ROOT, DraftTree
 from specprobe.models import format_prompt
 
 
@@ -113,7 +113,7 @@ def test_planned_linear_keeps_shapes_and_bias():
 
 def test_planned_target_agrees_with_transformers_kernels(smollm2):
     """The planned engine's logits equal the F.linear engine's within 1e-3 (same argmax), on a tree."""
-    planned, plain = Target.of(smollm2.model), Target(smollm2.model, kernels="linear")
+    planned, plain = TorchBackend.of(smollm2.model), TorchBackend(smollm2.model, kernels="linear")
     assert planned.decoder is not smollm2.model.get_decoder()  # the user's model is left alone
     assert any(isinstance(m, PlannedLinear) for m in planned.decoder.modules())
     assert not any(isinstance(m, PlannedLinear) for m in smollm2.model.modules())
@@ -137,7 +137,7 @@ def test_grouped_attention_equals_transformers_sdpa(q, mask):
     """Folding a group's query heads into rows attends exactly as repeating the cached keys does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from specprobe.attention import grouped_sdpa
+    from specprobe.backends.torch.attention import grouped_sdpa
 
     gen = torch.Generator().manual_seed(q)
     keys = 40
@@ -153,16 +153,16 @@ def test_grouped_attention_equals_transformers_sdpa(q, mask):
 
 
 def test_grouped_attention_is_set_on_the_engine_copy_only(smollm2):
-    from specprobe.attention import NAME
+    from specprobe.backends.torch.attention import NAME
 
-    assert Target.of(smollm2.model).decoder.config._attn_implementation == NAME
+    assert TorchBackend.of(smollm2.model).decoder.config._attn_implementation == NAME
     assert smollm2.model.config._attn_implementation == "sdpa"
-    assert Target(smollm2.model, kernels="linear").decoder.config._attn_implementation == "sdpa"
+    assert TorchBackend(smollm2.model, kernels="linear").decoder.config._attn_implementation == "sdpa"
 
 
 def test_bad_kernels_mode(smollm2):
     with pytest.raises(specprobe.errors.InvalidOptionError):
-        Target(smollm2.model, kernels="fast")
+        TorchBackend(smollm2.model, kernels="fast")
 
 
 def test_reduced_head_is_the_full_head_restricted():
@@ -222,22 +222,25 @@ def test_reduced_head_drafts_keep_the_output_identical(smollm2, monkeypatch, met
     drafts change, the emitted tokens do not."""
     prompt = "List the first ten prime numbers, separated by commas."
     ref = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, method="ar", max_new_tokens=32)
-    target = Target.of(smollm2.model)
+    target = TorchBackend.of(smollm2.model)
     calls = []
     reduced = target.head.reduced
     monkeypatch.setattr(target.head, "reduced_pays", lambda n_full, n_draft, n_reduced=None: n_draft > 0)
     monkeypatch.setattr(target.head, "reduced", lambda h: calls.append(h.shape[0]) or reduced(h))
-    monkeypatch.setattr(target, "token_frequencies", draft_vocab.TokenFrequencies(target.vocab_size))
     monkeypatch.setattr(target.head, "reduced_ids", None)
     monkeypatch.setattr(target.head, "reduced_weight", None)
-    out = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, method=method, max_new_tokens=32)
+    target.learning_scope(f"reduced-head-test-{method}")  # token counts of its own, from nothing
+    try:
+        out = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, method=method, max_new_tokens=32)
+    finally:
+        target.learning_scope("default")
     assert out.token_ids == ref.token_ids
     assert calls and target.head.reduced_weight.shape[0] == target.vocab_size // draft_vocab.MAX_FRACTION
 
 
 # -- profile ---------------------------------------------------------------------------------------
 def test_profile_parts_and_roofline(smollm2):
-    prof = profile(Target.of(smollm2.model), "smollm2-135m", qs=(1, 4), context=64, repeats=1)
+    prof = profile(TorchBackend.of(smollm2.model), "smollm2-135m", qs=(1, 4), context=64, repeats=1)
     assert [r.q for r in prof.rows] == [1, 4]
     assert prof.machine.bandwidth_gbs > 0 and prof.machine.peak_gflops > 0
     assert 4e8 < prof.weight_bytes < 7e8  # 135M float32 parameters, the input table left out
@@ -256,14 +259,14 @@ def test_profile_cli_rejects_bad_q(argv, capsys):
 # -- tune -------------------------------------------------------------------------------------------
 def test_tune_saves_a_choice_that_generate_uses(smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECPROBE_SETTINGS", str(tmp_path / "tuned"))
-    assert tune.tuned_options(smollm2.model, "esp") == {}
+    assert tuned.tuned_options(smollm2.model, "esp") == {}
     grid = tune.candidates(["vocab-mean", "gaussian"], [1], [2])
     chosen, trials = tune.tune(smollm2, tune.PROMPTS[:1], grid, max_new_tokens=8)
     assert len(trials) == 2 and all(t.identical for t in trials)
-    assert chosen in [{k: g[k] for k in tune.TUNED_KEYS} for g in grid]
+    assert chosen in [{k: g[k] for k in tuned.TUNED_KEYS} for g in grid]
     tune.save(smollm2.model, chosen, trials, {})
-    assert tune.tuned_options(smollm2.model, "esp") == chosen
-    assert tune.tuned_options(smollm2.model, "pld") == {}
+    assert tuned.tuned_options(smollm2.model, "esp") == chosen
+    assert tuned.tuned_options(smollm2.model, "pld") == {}
     seen = {}
     real = api.make_drafter
 

@@ -10,9 +10,11 @@ import json
 import pytest
 
 import specprobe
-from specprobe.drafters import make_drafter, omnidraft
+from specprobe.backends.torch import TorchBackend
+from specprobe.drafters import make_drafter
+from specprobe.drafters.omnidraft import drafter as omnidraft
+from specprobe.drafters.omnidraft.vocab_bridge import NGramCache, VocabularyBridge
 from specprobe.errors import InvalidOptionError
-from specprobe.vocab_bridge import NGramCache, VocabularyBridge
 
 TEXT = " the snowflake melted, 3.14\n\nNext, über-fast"
 
@@ -126,7 +128,8 @@ def test_online_distillation_is_lossless_saves_and_reloads_its_state(gemma3, smo
     # a frozen drafter with that state drafts with the adapter, and stays lossless
     r = specprobe.generate(gemma3.model, gemma3.tokenizer, prompts[0], method="omnidraft-frozen", max_new_tokens=24, draft_model=smollm2, adapt_state=path)
     assert r.token_ids == refs[0]
-    frozen = omnidraft._STATES[smollm2.model][gemma3.tokenizer][("omnidraft-frozen", path, 8, 2e-3)]
+    store = TorchBackend.of(smollm2.model).drafter_state()  # what the pair learned lives with the loaded drafter
+    frozen = store[("omnidraft", "omnidraft-frozen", omnidraft.tokenizer_signature(gemma3.tokenizer), None, path, 8, 2e-3)]
     assert all(torch.equal(p, adapter[n]) for n, p in frozen.distiller.params.items())
     assert torch.load(path, weights_only=True)["distiller"]["updates"] == 2  # frozen: not updated, not saved
     with pytest.raises(InvalidOptionError, match="another drafter or setting"):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 import specprobe
-from specprobe.models import format_prompt
-
 from conftest import hf_greedy, varied_prompts
+from specprobe.models import format_prompt
 
 N_PROMPTS = 14  # round robin over the 13 categories: each at least once
 NEW_TOKENS = 64

@@ -11,9 +11,8 @@ from functools import lru_cache
 import pytest
 
 import specprobe
-from specprobe.models import format_prompt
-
 from conftest import hf_greedy
+from specprobe.models import format_prompt
 
 NEW_TOKENS = 64
 REPEAT = "Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes, honeydew, kiwis, lemons."

@@ -15,10 +15,9 @@ import torch
 from scipy.stats import chisquare
 
 import specprobe
-from specprobe.errors import InvalidOptionError
-from specprobe.kv_cache import new_cache
-from specprobe.models import format_prompt
-from specprobe.sampling import (
+from specprobe.backends.torch import TorchBackend
+from specprobe.backends.torch.kv_cache import new_cache
+from specprobe.engine.sampling import (
     PositionNoise,
     SamplingConfig,
     accept_by_position_noise,
@@ -26,8 +25,9 @@ from specprobe.sampling import (
     accept_with_draft_probs,
     target_probs,
 )
-from specprobe.tree import ROOT, DraftTree
-from specprobe.verify import Target
+from specprobe.engine.tree import ROOT, DraftTree
+from specprobe.errors import InvalidOptionError
+from specprobe.models import format_prompt
 
 DRAWS = 12_000
 ALPHA = 0.01
@@ -181,7 +181,7 @@ def test_bad_sampling_options(bad):
 
 # -- a real model at a fixed context -----------------------------------------------------------------
 def test_real_distribution_smollm2(smollm2):
-    target = Target.of(smollm2.model)
+    target = TorchBackend.of(smollm2.model)
     ids = format_prompt(smollm2.tokenizer, "Name a colour.")
     cache = new_cache()
     target.forward(cache, ids[:-1], DraftTree())

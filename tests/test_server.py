@@ -86,7 +86,8 @@ def test_stop_string(client, smollm2):
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, stop=[stop])
     assert out.choices[0].message.content == ref[: ref.find(stop)]
     assert out.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, stop=[stop], stream=True) if c.choices)
+    chunks = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, stop=[stop], stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == ref[: ref.find(stop)]
 
 

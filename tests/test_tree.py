@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from specprobe.backends.torch.masks import attention_masks
 from specprobe.drafters.esp import DepthCandidates, build_tree
-from specprobe.sampling import greedy_accept
-from specprobe.tree import ROOT, AuxRows, DraftTree, Layout, attention_masks, rows_structure
+from specprobe.engine.sampling import greedy_accept
+from specprobe.engine.tree import ROOT, AuxRows, DraftTree, Layout, rows_structure
 
 
 def test_tree_rejects_parent_after_child():

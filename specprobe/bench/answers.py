@@ -36,6 +36,7 @@ from pathlib import Path
 from ..errors import BenchError
 
 SETTINGS_FILE = "settings.json"
+OVERALL = "overall"  # the summary's key for all categories together
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import OVERALL
+from .answers import OVERALL
 
 TRIVIAL = ("ar", "hf")  # one token per forward by construction: nothing to show in a histogram
 

@@ -29,9 +29,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BenchError
-from .answers import SETTINGS_FILE, read_answers, turn_accept_lengths
+from .answers import OVERALL, SETTINGS_FILE, read_answers, turn_accept_lengths
 
-OVERALL = "overall"
 DISTURBED = 1.5  # ar's time per forward this far off the run's median flags a question
 
 
@@ -165,14 +164,19 @@ def to_markdown(summary: dict) -> str:
     for m in methods:
         c = cells[m][OVERALL]
         share = c["speedup"] / c["bound"] if c.get("bound") and c["speedup"] is not None else None
-        rows.append([m, _fmt(c["tau"], "tau"), _fmt(c.get("acceptance"), "pct"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"), _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"])])
+        rows.append([
+            m, _fmt(c["tau"], "tau"), _fmt(c.get("acceptance"), "pct"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"),
+            _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"]),
+        ])
     lines += _table(["method", "tau", "acceptance", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "n"], rows)
     for title, key, kind in (("Speedup over ar per category", "speedup", "x"), ("tau (new tokens per target forward) per category", "tau", "tau")):
         rows = [[c] + [_fmt(cells[m][c][key], kind) for m in methods] for c in [*summary["categories"], OVERALL]]
         lines += ["", f"## {title}", ""] + _table(["category", *methods], rows)
     lines += ["", "## Notes", ""]
-    lines.append("- tau = new tokens / target forwards (plain decoding: 1.00); tokens/s = mean over answers of new tokens / wall time; speedup = mean tokens/s of the method / mean tokens/s of ar in the same category (Spec-Bench's definitions).")
-    lines.append("- bound = new tokens x T(1) / sum over forwards of T(rows): the speedup the target's measured cost curve allows for the trees the method verified (tau x T(1) / T(q)); it leaves out drafting time and attention over contexts longer than the curve's 300 tokens.")
+    lines.append("- tau = new tokens / target forwards (plain decoding: 1.00); tokens/s = mean over answers of new tokens / wall time; "
+                 "speedup = mean tokens/s of the method / mean tokens/s of ar in the same category (Spec-Bench's definitions).")
+    lines.append("- bound = new tokens x T(1) / sum over forwards of T(rows): the speedup the target's measured cost curve allows for the trees "
+                 "the method verified (tau x T(1) / T(q)); it leaves out drafting time and attention over contexts longer than the curve's 300 tokens.")
     lines.append("- acceptance = accepted draft tokens / proposed draft tokens, i.e. (new tokens - forwards) / draft tokens; acceptance_stream.png plots it per question in run order.")
     adapting = {m: c[OVERALL]["adapt_share"] for m, c in cells.items() if c[OVERALL].get("adapt_share")}
     if adapting:

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..api import WARMUP_PROMPT, WARMUP_TOKENS, generate, prepare
-from ..budget import CostCurve
-from ..profile import target_cost_curve
-from ..verify import Target
+from ..api import WARMUP_PROMPT, WARMUP_TOKENS, generate, prepare, target_of
 from ..drafters import DRAFT_MODEL_METHODS, METHODS
+from ..engine.budget import CostCurve
 from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
 from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, median_turn, read_answer_file
@@ -103,9 +101,11 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
 def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options: dict, draft_model=None) -> TurnOutput:
     if method in HF_METHODS:
         return hf_turn(lm, method, messages, max_new_tokens, draft_model, options)
+    target = target_of(lm.model)
+    target.learning_scope(method)  # what the backend learns across requests: each method its own (no method learns another's answers)
     r = generate(lm.model, lm.tokenizer, messages, method=method, max_new_tokens=max_new_tokens, **options)
     s = r.stats
-    curve = CostCurve.from_dict(target_cost_curve(Target.of(lm.model)))
+    curve = CostCurve.from_dict(target.cost_curve())
     bound_time = sum(curve(q) for q in s.step_rows)
     return TurnOutput(r.text, r.token_ids, s.target_forwards, s.wall_time, list(s.accept_lengths), bound_time, curve(1), sum(s.draft_sizes), s.adapt_time)
 
@@ -232,6 +232,8 @@ def run_bench(
         "sampling": sampling if sampling.get("temperature", 0) > 0 else None,
         "repeats": repeats,
         "order": "rotated per question",
+        "cross_request_learning": "the reduced draft head's token counts: one scope per method (Backend.learning_scope); "
+        "omnidraft's adapter, n-gram cache and acceptance model: per method, across the questions in run order",
         **(settings or {}),
     }
     record_settings = _prepare_dir(out, record_settings, resume)

@@ -1,11 +1,13 @@
-"""Speculative methods, one drafter per file, behind the protocol of drafters/base.py."""
+"""Speculative methods, one drafter per file, behind the engine's `Drafter` protocol
+(engine/protocol.py); the pure n-gram helpers they share are in ngram.py. A drafter never imports
+a backend: what it needs of the target it asks the session's `Backend` for."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from ..engine.protocol import Acceptance, Drafter, Proposal, StepResult
 from ..errors import InvalidOptionError
-from .base import Acceptance, Drafter, Proposal, StepResult
 from .draft_model import DraftModelConfig, DraftModelDrafter
 from .eagle import ConfuDrafter, EagleConfig, EagleDrafter
 from .esp import ESPConfig, ESPDrafter

@@ -3,8 +3,8 @@ arXiv 2302.01318), greedy form.
 
 A smaller causal LM with the target's tokenizer (same vocabulary) drafts the next `num_tokens`
 tokens greedily, one forward each, from its own KV cache; the target checks them all in its one
-verification forward. The draft model runs through a `Target` of its own, so it uses exactly the
-engine's forward and mask code.
+verification forward. The draft model runs through a backend of its own, of the target's kind
+(`session.target.for_model`), so it uses exactly the engine's forward and mask code.
 
 Draft cache bookkeeping. The drafter keeps its own `pending` list: the committed tokens not yet
 in the draft cache (the prompt at first, then the bonus token and whatever the draft never fed).
@@ -12,10 +12,10 @@ A step feeds the draft `pending` and then each drafted token but the last:
 
     draft cache: [committed ... ][pending][t1 .. t(k-1)]      t_k is proposed but never fed
 
-After the verdict the cache is cut back (`kv_cache.keep_rows`) to the committed prefix plus the
+After the verdict the cache is cut back (`Backend.commit`) to the committed prefix plus the
 accepted drafted tokens that it holds rows for; the committed tokens after those become the new
 `pending`. So every committed token is processed by the draft exactly once, and always
-`cache_length(draft cache) + len(pending) == len(committed tokens)`.
+`draft.cache_length(draft cache) + len(pending) == len(committed tokens)`.
 
 Tree (`tree_top_k` = K > 1): at every depth the K best draft tokens are proposed; the best one
 continues the chain, the K - 1 runners-up are leaves beside it (a token tree in its cheapest form:
@@ -32,13 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.protocol import Drafter, Proposal, StepResult
+from ..engine.sampling import target_probs
+from ..engine.tree import ROOT, DraftTree
 from ..errors import InvalidOptionError
-from ..kv_cache import cache_length, keep_rows, new_cache
-from ..models import LoadedModel
-from ..sampling import target_probs
-from ..tree import ROOT, DraftTree
-from ..verify import Target
-from .base import Drafter, Proposal, StepResult
 
 
 @dataclass
@@ -49,11 +46,11 @@ class DraftModelConfig:
     min_confidence: float = 0.0  # stop drafting after a token whose draft probability is below this
 
     def __post_init__(self):
-        if isinstance(self.draft_model, LoadedModel):
+        if hasattr(self.draft_model, "model") and hasattr(self.draft_model, "tokenizer"):  # a LoadedModel
             self.draft_model = self.draft_model.model
         if self.draft_model is None:
             raise InvalidOptionError("method 'draft' needs a draft model: pass draft_model=<a loaded causal LM>")
-        if not isinstance(self.draft_model, torch.nn.Module) or not hasattr(self.draft_model, "get_output_embeddings"):
+        if not hasattr(self.draft_model, "forward"):
             raise InvalidOptionError(
                 f"draft_model must be a loaded causal LM (e.g. specprobe.load(name).model), got {type(self.draft_model).__name__}"
             )
@@ -79,21 +76,21 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, config: DraftModelConfig | None = None, **options):
         self.config = config or DraftModelConfig(**options)
-        self.draft = Target(self.config.draft_model)
 
     def start(self, session) -> None:
+        self.draft = session.target.for_model(self.config.draft_model)
         if self.draft.vocab_size != session.target.vocab_size:
             raise InvalidOptionError(
                 f"the draft model's vocabulary ({self.draft.vocab_size} tokens) differs from the target's "
                 f"({session.target.vocab_size}): draft and target must share one tokenizer"
             )
-        self.cache = new_cache()
+        self.cache = self.draft.new_cache()
         self.pending: list[int] = list(session.ids)  # committed, not yet in the draft cache
         self.fed: _Fed | None = None
 
     def propose(self, session) -> Proposal:
         cfg = self.config
-        past = cache_length(self.cache)
+        past = self.draft.cache_length(self.cache)
         # the draft is fed pending + (depth - 1) drafted tokens; they must fit its context
         depth = min(cfg.num_tokens, self.draft.max_length - past - len(self.pending) + 1)
         if depth < 1:
@@ -128,5 +125,8 @@ class DraftModelDrafter(Drafter):
             accepted = 0  # leading accepted chain tokens with a row in the draft cache
             while accepted < min(len(path), len(fed.chain) - 1, len(step.emitted)) and path[accepted] == fed.chain[accepted]:
                 accepted += 1
-            keep_rows(self.cache, fed.past, list(range(fed.n_pending + accepted)))
-        self.pending = session.ids[cache_length(self.cache) :]
+            self.draft.commit(self.cache, fed.past, list(range(fed.n_pending + accepted)))
+        self.pending = session.ids[self.draft.cache_length(self.cache) :]
+
+    def finish(self, session) -> None:
+        self.draft.release(self.cache)

@@ -24,32 +24,46 @@ The target decides every token (tree verification), so the output is the target'
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..budget import AutoBudget, parse_budget
-from ..draft_head import DraftHead, target_features
+from ..engine.budget import AutoBudget, parse_budget
+from ..engine.protocol import Drafter, Proposal, StepResult
+from ..engine.tree import ROOT, AuxRows, DraftTree, Layout
 from ..errors import InvalidOptionError
-from ..kernels import LMHead, planned_decoder
-from ..tree import ROOT, AuxRows, DraftTree
-from .base import Drafter, Proposal, StepResult
-
-_LOADED: dict[str, DraftHead] = {}
+from ..heads.draft_head import DraftHead, target_features
 
 
-def load_head(spec) -> DraftHead:
-    """A DraftHead from a directory (loaded once per process) or a DraftHead itself."""
-    if isinstance(spec, DraftHead):
-        return spec
+def head_config(spec):
+    """The config of the head `spec` (a directory or a DraftHead): a clear error, before any model
+    loads, for a missing head or a directory that holds none."""
     if spec is None:
         raise InvalidOptionError("methods eagle and confu need a trained head: pass --head DIR (API: head=DIR), a directory written by `specprobe train-head`")
-    key = str(Path(spec).resolve())
-    if key not in _LOADED:
-        _LOADED[key] = DraftHead.load(spec)
-    return _LOADED[key]
+    return spec.config if isinstance(spec, DraftHead) else DraftHead.read_config(spec)
+
+
+@dataclass
+class _HeadRunner:
+    """A head ready to draft for one target: its kernel-planned copy and its vocabulary head."""
+
+    head: DraftHead  # the trained head itself (weights)
+    runner: DraftHead  # a copy sharing its weights whose linear layers run this machine's kernel plans
+    lm_head: object  # the target's LM head restricted to the head's draft vocabulary, with its kernel plan
+
+
+def head_runner(target, spec) -> _HeadRunner:
+    """The head `spec` (a directory or a DraftHead) prepared for `target`, built once per target
+    and head and kept in the target's drafter state."""
+    key = ("eagle-head", spec if isinstance(spec, DraftHead) else str(Path(spec).resolve()))
+    store = target.drafter_state()
+    if key not in store:
+        head = spec if isinstance(spec, DraftHead) else DraftHead.load(spec)
+        head.check_target(target)  # before any kernel timing for a head that cannot run
+        vocabulary = target.tuned_head(head.vocabulary_weight(target.head.weight).contiguous(), target.head.softcap)
+        store[key] = _HeadRunner(head, target.tuned_module(head), vocabulary)
+    return store[key]
 
 
 @dataclass
@@ -72,18 +86,7 @@ class EagleConfig:
             raise InvalidOptionError(f"contemplate_after must be 'chain' or 'all', got {self.contemplate_after!r}")
         if not isinstance(self.min_path_prob, (int, float)) or not 0.0 <= self.min_path_prob < 1.0:
             raise InvalidOptionError(f"eagle option min_path_prob must be in [0, 1), got {self.min_path_prob!r}")
-        self.head = load_head(self.head)
-
-
-_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def head_runner(head: DraftHead) -> DraftHead:
-    """The head for drafting: a copy sharing its weights whose matrix products run the kernels
-    measured fastest on this machine for their number of rows (kernels.py), built once per head."""
-    if head not in _RUNNERS:
-        _RUNNERS[head] = planned_decoder(head)
-    return _RUNNERS[head]
+        self.head_config = head_config(self.head)
 
 
 @dataclass
@@ -101,14 +104,15 @@ class EagleDrafter(Drafter):
 
     def __init__(self, config: EagleConfig | None = None, **options):
         self.config = config or EagleConfig(**options)
-        self.head = self.config.head
-        if self.uses_contemplate and not self.head.config.contemplate:
+        if self.uses_contemplate and not self.config.head_config.contemplate:
             raise InvalidOptionError("method confu needs a head trained with contemplate tokens (train-head --contemplate)")
 
     def start(self, session) -> None:
         self.target = session.target
-        self.config.head.check_target(self.target)
-        self.head = head_runner(self.config.head)  # after the check: no kernel timing for a head that cannot run
+        if not getattr(self.target, "supports_hidden_states", False):
+            raise InvalidOptionError(f"methods eagle and confu read the target's hidden states, which the {self.target.name} backend does not expose")
+        prepared = head_runner(self.target, self.config.head)
+        self.head = prepared.runner
         self.dtype = next(self.head.parameters()).dtype
         c = self.head.config
         self.keys = torch.zeros(c.num_kv_heads, 0, c.head_dim, dtype=self.dtype)  # [kv_heads, committed rows, d]
@@ -117,7 +121,7 @@ class EagleDrafter(Drafter):
         self.last_high: torch.Tensor | None = None  # [h]: top feature of the last position with features
         self.plan_features: torch.Tensor | None = None  # [k, 3h]: contemplate rows after the last accepted node
         self.auto = AutoBudget(self.target) if self.config.budget == "auto" else None
-        self.lm_head = _vocabulary_head(self.head, self.target)
+        self.lm_head = prepared.lm_head
         self.broken = False
 
     def _head_step(self, features, tokens, positions, visible, past, plan=None):
@@ -200,7 +204,7 @@ class EagleDrafter(Drafter):
             index[i] = tree.add(nodes[i].token, ROOT if nodes[i].parent == ROOT else index[nodes[i].parent])
             scores.append(math.exp(nodes[i].logp))
         if self.auto is not None:
-            n = self.auto.size(scores, tree.depths(), rows=lambda n: 1 + n + self._aux_count(tree.prefix(n)))
+            n = self.auto.size(scores, tree.depths(), rows=lambda n: Layout.rows_of(n, self._aux_count(tree.prefix(n))))
             tree, scores = tree.prefix(n), scores[:n]
         self.scores = scores
         aux = self._contemplate_rows(tree) if self.uses_contemplate else None
@@ -244,7 +248,7 @@ class EagleDrafter(Drafter):
             s = self.scores
             conditional = [x / (s[p] if p >= 0 else 1.0) for x, p in zip(s, tree.parents)]
             self.auto.observe(conditional, tree.parents, step.acceptance.path)
-        if out.hidden_states is None:  # the loop dropped the proposal (end of context): no features
+        if step.drafts_dropped or out.hidden_states is None:  # the loop dropped the proposal (end of context): no features
             self.broken = True
             return
         layout = out.layout
@@ -262,17 +266,6 @@ class EagleDrafter(Drafter):
             mine = [j for j, a in enumerate(aux.anchor) if a == last]
             if mine:
                 self.plan_features = target_features(out.hidden_states, layers, [layout.aux_row(j) for j in mine]).float()
-
-
-_VOCAB_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # head -> {Target -> LMHead}
-
-
-def _vocabulary_head(head: DraftHead, target) -> LMHead:
-    """The target's LM head restricted to the head's draft vocabulary, with its kernel plan (built once)."""
-    per_target = _VOCAB_HEADS.setdefault(head, weakref.WeakKeyDictionary())
-    if target not in per_target:
-        per_target[target] = LMHead.tuned(head.vocabulary_weight(target.head.weight).contiguous(), target.head.softcap)
-    return per_target[target]
 
 
 class ConfuDrafter(EagleDrafter):

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import AutoBudget, parse_budget
+from ..engine.budget import AutoBudget, parse_budget
+from ..engine.protocol import Drafter, Proposal, StepResult
+from ..engine.tree import ROOT, AuxRows, DraftTree, Layout
 from ..errors import InvalidOptionError
-from ..tree import ROOT, AuxRows, DraftTree
-from .base import Drafter, Proposal, StepResult
 
 MASK_INITS = ("context-mean", "ema", "vocab-mean", "gaussian", "token:<id>")
 
@@ -125,29 +125,6 @@ def ranked_tree(root_token: int, depths: list[DepthCandidates], budget: int, bra
     return tree, scores
 
 
-_VOCAB_STATS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def vocabulary_stats(target) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation of the embeddings of the whole vocabulary."""
-    key = id(target.embedding)
-    if key not in _VOCAB_STATS:
-        total = torch.zeros(target.embedding.weight.shape[1], dtype=torch.float64)
-        squares = torch.zeros_like(total)
-        for start in range(0, target.vocab_size, 16384):
-            e = target.embed(list(range(start, min(start + 16384, target.vocab_size)))).double().cpu()
-            total += e.sum(0)
-            squares += (e * e).sum(0)
-        mean = total / target.vocab_size
-        std = (squares / target.vocab_size - mean * mean).clamp_min(0).sqrt()
-        _VOCAB_STATS[key] = (mean.float(), std.float())
-    return _VOCAB_STATS[key]
-
-
-def vocabulary_mean(target) -> torch.Tensor:
-    return vocabulary_stats(target)[0]
-
-
 class ESPDrafter(Drafter):
     name = "esp"
 
@@ -158,13 +135,13 @@ class ESPDrafter(Drafter):
     def _fixed_mask(self, session) -> torch.Tensor | None:
         init = self.config.mask_init
         if init == "vocab-mean":
-            return vocabulary_mean(session.target)
+            return session.target.embedding_stats()[0]
         if init == "gaussian":  # one fixed draw from N(mean, std^2) of the vocabulary's embeddings
-            mean, std = vocabulary_stats(session.target)
+            mean, std = session.target.embedding_stats()
             return mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
         if init.startswith("token:"):
             spec = init.split(":", 1)[1]
-            tok = session.tokenizer if hasattr(session, "tokenizer") else None
+            tok = session.tokenizer
             if spec.lstrip("-").isdigit():
                 tid = int(spec)
             elif tok is not None and spec in tok.get_vocab():
@@ -206,7 +183,7 @@ class ESPDrafter(Drafter):
         root = session.pending[-1]
         if cfg.budget == "auto":
             tree, scores = ranked_tree(root, self.depths, cfg.max_budget, cfg.branching)
-            n = self.auto.size(scores, tree.depths(), rows=lambda n: 1 + n + cfg.masks * (n + 1))
+            n = self.auto.size(scores, tree.depths(), rows=lambda n: Layout.rows_of(n, cfg.masks * (n + 1)))
             tree, self.scores = tree.prefix(n), scores[:n]
         else:
             tree = build_tree(root, self.depths, cfg.budget, cfg.branching)
@@ -232,7 +209,7 @@ class ESPDrafter(Drafter):
             conditional = [s / (scores[p] if p >= 0 else 1.0) for s, p in zip(scores, tree.parents)]
             self.auto.observe(conditional, tree.parents, step.acceptance.path)
         aux = step.proposal.aux
-        if aux is None:  # the loop dropped the drafts (last token, or the end of the context)
+        if step.drafts_dropped or aux is None:  # no mask rows ran this step (the last token, or the end of the context)
             self.depths = []
             return
         path = step.acceptance.path

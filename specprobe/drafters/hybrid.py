@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import AutoBudget, nodes_tested, parse_budget
+from ..engine.budget import AutoBudget, nodes_tested, parse_budget
+from ..engine.protocol import Drafter, Proposal, StepResult
+from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
-from ..tree import ROOT, DraftTree
-from .base import Drafter, Proposal, StepResult
 from .esp import ESPConfig, ESPDrafter, ranked_tree
-from .lookahead import NGramPool
-from .prompt_lookup import find_continuations
+from .ngram import NGramPool, find_continuations
 
 SOURCES = ("esp", "pld", "pool")
 PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any evidence
@@ -194,7 +193,7 @@ class HybridDrafter(Drafter):
         for src in sources:
             esp_before.append(esp_before[-1] + ("esp" in src))
         if self.auto is not None:
-            n = self.auto.choose(scores[: c.max_budget], lambda n: 1 + n + c.masks * (1 + esp_before[n]))
+            n = self.auto.choose(scores[: c.max_budget], lambda n: Layout.rows_of(n, c.masks * (1 + esp_before[n])))
         else:
             n = c.budget
         tree, self.sources = tree.prefix(n), sources[:n]

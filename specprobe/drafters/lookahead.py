@@ -28,14 +28,13 @@ pool and the committed text's n-grams are added as they are generated.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..engine.protocol import Drafter, Proposal, StepResult
+from ..engine.tree import ROOT, AuxRows
 from ..errors import InvalidOptionError
-from ..tree import ROOT, AuxRows
-from .base import Drafter, Proposal, StepResult
-from .prompt_lookup import build_trie
+from .ngram import NGramPool, build_trie
 
 
 @dataclass
@@ -54,46 +53,6 @@ class LookaheadConfig:
                 raise InvalidOptionError(f"lookahead option {name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.prompt_pool, bool):
             raise InvalidOptionError(f"lookahead option prompt_pool must be a bool, got {self.prompt_pool!r}")
-
-
-class NGramPool:
-    """token -> up to `per_key` n-grams (tuples of the n - 1 tokens that followed it), LRU.
-
-    Re-inserting an n-gram makes it the most recent; a full key drops its oldest n-gram; beyond
-    `max_keys` keys the least recently touched key goes.
-    """
-
-    def __init__(self, n: int, per_key: int, max_keys: int):
-        self.n, self.per_key, self.max_keys = n, per_key, max_keys
-        self._map: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
-
-    def __len__(self) -> int:  # n-grams held
-        return sum(len(v) for v in self._map.values())
-
-    def insert(self, key: int, gram: tuple[int, ...]) -> None:
-        if len(gram) != self.n - 1 or self.per_key == 0:
-            return
-        grams = self._map.get(key)
-        if grams is None:
-            grams = self._map[key] = []
-            if len(self._map) > self.max_keys:
-                self._map.popitem(last=False)
-        else:
-            self._map.move_to_end(key)
-        if gram in grams:
-            grams.remove(gram)
-        elif len(grams) >= self.per_key:
-            grams.pop(0)
-        grams.append(gram)
-
-    def add_text(self, ids: list[int], start: int = 0) -> None:
-        """Insert every n-gram of `ids` that starts at index >= start."""
-        for s in range(start, len(ids) - self.n + 1):
-            self.insert(ids[s], tuple(ids[s + 1 : s + self.n]))
-
-    def lookup(self, key: int) -> list[tuple[int, ...]]:
-        """The n-grams after `key`, most recent first."""
-        return self._map.get(key, [])[::-1]
 
 
 @lru_cache(maxsize=16)
@@ -180,7 +139,7 @@ class LookaheadDrafter(Drafter):
         if cfg.prompt_pool:
             self.pool.add_text(session.ids, max(self.pooled_upto, 0))
             self.pooled_upto = len(session.ids) - cfg.ngram + 1
-        if step.proposal.aux is None:  # the loop dropped the rows (last token, end of the context)
+        if step.drafts_dropped:  # no window rows ran this step (the last token, or the end of the context)
             return
         top = step.output.aux_logits[-cfg.window :]  # [w, vocab]: the top level's rows
         new_top = top.argmax(dim=-1).tolist()

@@ -10,18 +10,18 @@ matches (longer n first, then the most recent occurrence first) are proposed tog
 into a trie so that continuations sharing a prefix share nodes, up to a node budget. The target
 checks the whole trie in its one verification forward.
 
-`find_continuations` (the search) and `build_trie` (the merge) are pure functions; the drafter
-only wires them to the session. `build_trie` also serves lookahead decoding.
+`find_continuations` (the search) and `build_trie` (the merge) are pure functions (ngram.py); the
+drafter only wires them to the session.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import parse_budget
+from ..engine.budget import parse_budget
+from ..engine.protocol import Drafter, Proposal
 from ..errors import InvalidOptionError
-from ..tree import ROOT, DraftTree
-from .base import Drafter, Proposal
+from .ngram import build_trie, find_continuations
 
 
 @dataclass
@@ -42,97 +42,6 @@ class PLDConfig:
                 raise InvalidOptionError(f"PLD option {name} must be an integer >= 1, got {value!r}")
         if self.min_ngram > self.max_ngram:
             raise InvalidOptionError(f"PLD option min_ngram ({self.min_ngram}) exceeds max_ngram ({self.max_ngram})")
-
-
-def find_continuations(
-    ids: list[int],
-    max_ngram: int = 3,
-    min_ngram: int = 1,
-    num_pred_tokens: int = 10,
-    max_candidates: int = 4,
-) -> list[list[int]]:
-    """Continuations of earlier occurrences of the text's last n tokens, best first.
-
-    For n = max_ngram down to min_ngram, the suffix ids[-n:] is looked for at every earlier start
-    s (s + n < len(ids), so at least one token follows it), the most recent first; the candidate
-    is ids[s + n : s + n + num_pred_tokens]. A candidate equal to, or a prefix of, one already
-    taken adds nothing to a trie and is skipped; one that extends a candidate already taken (which
-    was cut short by the end of the text) replaces it in place. At most `max_candidates` are
-    returned.
-
-    Example: in "a b c d | a b x | a b" (letters stand for token ids) the suffix "x a b" (n=3)
-    never occurred before; "a b" (n=2) occurred twice: most recently followed by "x a b", first
-    by "c d a". Then n=1 finds "b" at the same two places again (nothing new):
-
-    >>> a, b, c, d, x = 1, 2, 3, 4, 9
-    >>> find_continuations([a, b, c, d, a, b, x, a, b], max_ngram=3, num_pred_tokens=3)
-    [[9, 1, 2], [3, 4, 1]]
-
-    A match near the end is cut short by the end of the text; an older match extending it wins:
-    "5 5" is followed by "5" (then the text ends), the older "5" by "5 5":
-
-    >>> find_continuations([5, 5, 5], max_ngram=2, num_pred_tokens=4)
-    [[5, 5]]
-    """
-    found: list[list[int]] = []
-    total = len(ids)
-    if total < 2:
-        return found
-    # where an earlier match can end (its last token equals the text's last, and a token follows
-    # it), most recent first: list.index scans in C, so a step costs O(text) only once
-    last, ends, e = ids[-1], [], -1
-    try:
-        while True:
-            e = ids.index(last, e + 1, total - 1)
-            ends.append(e)
-    except ValueError:
-        ends.reverse()
-    for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
-        suffix = ids[total - n :]
-        for e in ends:
-            s = e - n + 1
-            if s < 0:
-                break
-            if ids[s : e + 1] != suffix:
-                continue
-            cont = ids[s + n : s + n + num_pred_tokens]
-            if any(c[: len(cont)] == cont for c in found):
-                continue
-            # one taken is a prefix of this one (it ran into the end of the text): extend it in place
-            shorter = next((i for i, c in enumerate(found) if cont[: len(c)] == c), None)
-            if shorter is not None:
-                found[shorter] = cont
-                continue
-            found.append(cont)
-            if len(found) >= max_candidates:
-                return found
-    return found
-
-
-def build_trie(sequences: list[list[int]], budget: int) -> DraftTree:
-    """Merge token sequences below the root into a trie of at most `budget` nodes.
-
-    Sequences are taken in order; a sequence that meets the budget is cut there (its prefix stays).
-
-    >>> t = build_trie([[1, 2, 3], [1, 2, 4], [5]], budget=10)
-    >>> t.tokens, t.parents
-    ([1, 2, 3, 4, 5], [-1, 0, 1, 1, -1])
-    >>> build_trie([[1, 2, 3], [1, 4]], budget=2).tokens
-    [1, 2]
-    """
-    tree = DraftTree()
-    child: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-    for seq in sequences:
-        node = ROOT
-        for token in seq:
-            nxt = child.get((node, token))
-            if nxt is None:
-                if len(tree) >= budget:
-                    return tree
-                nxt = tree.add(token, node)
-                child[(node, token)] = nxt
-            node = nxt
-    return tree
 
 
 class PLDDrafter(Drafter):

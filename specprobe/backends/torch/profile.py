@@ -1,4 +1,4 @@
-"""The cost curve T(q) of a verification forward, its parts, and the roofline bound (issue 9).
+"""The cost curve T(q) of a verification forward, its parts, and the roofline bound.
 
 `profile(target, ...)` times one engine forward with q new rows (q = 1: a decoding step; q > 1:
 a star of q - 1 draft nodes under the root, so the 4-D tree-mask path runs) over a KV cache of
@@ -22,18 +22,17 @@ count and cached on disk; the hardware-aware tree budget (`--budget auto`) reads
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .kv_cache import cache_kwargs, cache_length, keep_rows, new_cache
-from .tree import ROOT, DraftTree
+from ...engine.cost_curve import CURVE_Q, forward_times, prefilled, star
+from ...store import atomic_write, cache_root
+from .kv_cache import cache_kwargs, cache_length, keep_rows
 
 PROFILE_Q = (1, 2, 4, 8, 16, 32, 64)
-CURVE_Q = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CURVE_VERSION = 3  # bumped when the engine's forward changes, so saved curves are measured again
 
 
@@ -108,7 +107,7 @@ def measure_machine(device: str = "cpu") -> Machine:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     buf = torch.ones(128 * 2**20, device=device)  # 512 MB of float32
     bw = buf.numel() * 4 / _median_time(lambda: buf.sum(), 5, sync) / 1e9
-    del buf
+    buf = None  # free the 512 MB before the matmul
     a = torch.randn(2048, 2048, device=device)
     peak = 2 * 2048**3 / _median_time(lambda: a @ a, 5, sync) / 1e9
     return Machine(bw, peak, torch.get_num_threads())
@@ -143,57 +142,19 @@ def _kv_bytes(target, context: int) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * target.dtype.itemsize
 
 
-def _star(q: int) -> DraftTree:
-    tree = DraftTree()
-    for i in range(q - 1):
-        tree.add(1000 + i, ROOT)
-    return tree
-
-
-@torch.inference_mode()
-def _prefilled(target, context: int):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 1000, (context,), generator=gen).tolist()
-    cache = new_cache()
-    target.forward(cache, ids[:-1], DraftTree())
-    return cache, ids[-1]
-
-
-@torch.inference_mode()
-def forward_times(target, qs, context: int = 300, repeats: int = 7) -> dict[int, float]:
-    """Seconds per engine step (forward, then the cache cut back) for each q, over a `context`-token
-    cache. The q values are interleaved round by round, so a slow moment of the machine hits them
-    alike; the median of the rounds is kept."""
-    cache, last = _prefilled(target, context)
-    prefix = cache_length(cache)
-    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
-    trees = {q: _star(q) for q in qs}
-    samples: dict[int, list[float]] = {q: [] for q in qs}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for q in qs:
-            sync()
-            t0 = time.perf_counter()
-            target.forward(cache, [last], trees[q])
-            sync()
-            if round_:
-                samples[q].append(time.perf_counter() - t0)
-            keep_rows(cache, prefix, [])
-    return {q: statistics.median(v) for q, v in samples.items()}
-
-
 @torch.inference_mode()
 def profile(target, name: str, qs=PROFILE_Q, context: int = 300, repeats: int = 7, progress=None) -> Profile:
     device = target.device.type
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     machine = measure_machine(str(target.device))
-    cache, last = _prefilled(target, context)
+    cache, last = prefilled(target, context)
     prefix = cache_length(cache)
     model = target.model
     wbytes = _weight_bytes(model)
     result = Profile(name, device, context, machine, wbytes)
     totals = forward_times(target, qs, context, repeats)
     for q in qs:
-        tree = _star(q)
+        tree = star(q)
         ids = torch.tensor([[last] + tree.tokens], device=target.device)
 
         def layers():
@@ -228,8 +189,6 @@ def profile(target, name: str, qs=PROFILE_Q, context: int = 300, repeats: int = 
 
 # -- the cost curve the tree budget reads ---------------------------------------------------------
 def _curve_file(target):
-    from .models import cache_root
-
     w = target.head.weight
     key = f"c{CURVE_VERSION}-{target.config.model_type}-{target.config.num_hidden_layers}x{target.config.hidden_size}-v{w.shape[0]}-{target.dtype}-{target.device.type}-t{torch.get_num_threads()}"
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
@@ -237,11 +196,8 @@ def _curve_file(target):
 
 
 def save_cost_curve(target, times: dict[int, float]) -> None:
-    path = _curve_file(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seconds": {str(q): t for q, t in sorted(times.items())}}, indent=1))
-    os.replace(tmp, path)
+    atomic_write(_curve_file(target), json.dumps({"seconds": {str(q): t for q, t in sorted(times.items())}}, indent=1))
+    target.set_cost_curve(times)
 
 
 def cost_curve(target, measure_if_missing: bool = True) -> dict[int, float] | None:
@@ -257,31 +213,3 @@ def cost_curve(target, measure_if_missing: bool = True) -> dict[int, float] | No
     times = forward_times(target, CURVE_Q, repeats=3)
     save_cost_curve(target, times)
     return times
-
-
-def plot_profiles(profiles: dict[str, Profile], path) -> None:
-    """T(q)/T(1) per kernel mode beside the roofline bound (relative to the first mode's T(1))."""
-    from .bench.plots import _figure
-
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    first = next(iter(profiles.values()))
-    t1 = first.rows[0].total_ms
-    for label, prof in profiles.items():
-        ax.plot([r.q for r in prof.rows], [r.total_ms / t1 for r in prof.rows], marker="o", label=f"T(q), {label} kernels")
-    ax.plot([r.q for r in first.rows], [r.bound_ms / t1 for r in first.rows], linestyle="--", color="gray", label="roofline bound")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows per forward q")
-    ax.set_ylabel(f"time / T(1) of {next(iter(profiles))} kernels")
-    ax.set_title(f"{first.model}: cost of one verification forward ({first.context}-token cache)")
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.legend()
-    fig.savefig(path)
-
-
-def target_cost_curve(target) -> dict[int, float]:
-    """`cost_curve(target)`, kept on the Target so a process reads or measures it once."""
-    curve = getattr(target, "_cost_curve", None)
-    if curve is None:
-        curve = target._cost_curve = cost_curve(target)
-    return curve

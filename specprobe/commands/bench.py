@@ -9,12 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..bench.questions import DEFAULT_QUESTIONS, load_questions
+from ..bench.report import write_summary
+from ..bench.runner import check_methods, check_out_dir, run_bench
 from ..drafters import DRAFT_MODEL_METHODS, METHODS, make_drafter
 from ..errors import InvalidOptionError
 from ..models import load, load_draft
-from .questions import load_questions
-from .report import write_summary
-from .runner import check_methods, check_out_dir, run_bench
+from .args import add_method_args, add_model_args, add_sampling_args, method_options, sampling_options
 
 
 def default_methods() -> list[str]:
@@ -30,8 +31,6 @@ def split_list(value: str | None) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..cli import method_options, sampling_options
-
     out = Path(args.out)
     if args.summarize_only:
         summary = write_summary(out)
@@ -65,3 +64,30 @@ def run_command(args: argparse.Namespace) -> int:
     print((out / "summary.md").read_text(), end="")
     print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png, acceptance_stream.png", file=sys.stderr)
     return 0
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="run Spec-Bench: methods x questions -> answer files, summary, plots",
+        description="Run methods over Spec-Bench questions (interleaved, after a warm-up); write answer files, summary.json, summary.md and plots to --out.",
+    )
+    add_model_args(b)
+    b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="spec-bench (default: Spec-Bench's 480 questions, shipped with specprobe), or a question JSONL file or URL")
+    b.add_argument("--methods", help="comma-separated: specprobe methods and hf, hf-pld, hf-assisted, hf-uag (default: ar, hf and every method needing no draft model)")
+    b.add_argument("--categories", help="comma-separated categories to run (default: all)")
+    b.add_argument("--per-category", type=int, help="the first N questions of each category (default: all)")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    b.add_argument("--repeats", type=int, default=1, help="runs of every (question, method), the order rotated between them; the median wall time counts (default 1)")
+    b.add_argument("--turns", type=int, default=1, help="1 (default) or 2: the second turn of MT-bench questions sees the first turn's answer")
+    b.add_argument("--draft-model", help="draft model for draft, omnidraft, hf-assisted and hf-uag: a model name, or truncated:N (the target's first N layers)")
+    b.add_argument("--eagle-head", help="the trained head for the eagle row (specprobe train-head)")
+    b.add_argument("--confu-head", help="the trained head for the confu row (specprobe train-head --contemplate K)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--resume", action="store_true", help="continue a run in --out, skipping the answers it holds")
+    b.add_argument("--summarize-only", action="store_true", help="only recompute the summary and plots of --out")
+    b.add_argument("--quiet", action="store_true", help="a line per question instead of the progress bar")
+    add_method_args(b)
+    add_sampling_args(b)
+    b.set_defaults(func=run_command)
+
+

@@ -1,7 +1,7 @@
 """Every operation on the target's KV cache lives here.
 
 transformers changes its cache classes between versions; the rest of specprobe only calls
-`new_cache`, `cache_length`, `keep_rows`, `prefix_copy` and `cache_kwargs`. The cache is a `DynamicCache` made WITHOUT the
+`new_cache`, `cache_length`, `keep_rows`, `prefix_copy`, `cache_keyword` and `cache_kwargs`. The cache is a `DynamicCache` made WITHOUT the
 model config, so every layer keeps every position (sliding-window layers too; their window is
 applied through the attention mask instead, see `tree.attention_masks`). That makes the cache a
 plain position-indexed store: position p of the sequence is row p of every layer's keys/values.
@@ -19,19 +19,17 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
-_CACHE_KEYWORD: dict[type, str] = {}
+def cache_keyword(model) -> str:
+    """The name of the keyword argument that hands a cache to `model`'s forward: `cache` where the
+    forward takes it (transformers 5.2x renamed it; `past_key_values` warns there and goes in
+    5.40), else `past_key_values` (earlier versions). The backend reads it once per model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes **kwargs on
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def cache_kwargs(model, cache) -> dict:
-    """The keyword argument that hands `cache` to `model`'s forward: `cache` where the forward takes
-    it (transformers 5.2x renamed it; `past_key_values` warns there and goes in 5.40), else
-    `past_key_values` (earlier versions)."""
-    kind = type(model)
-    if kind not in _CACHE_KEYWORD:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes **kwargs on
-        params = inspect.signature(inner.forward).parameters
-        _CACHE_KEYWORD[kind] = "cache" if "cache" in params else "past_key_values"
-    return {_CACHE_KEYWORD[kind]: cache}
+    """{cache_keyword(model): cache}."""
+    return {cache_keyword(model): cache}
 
 
 def _layers(cache) -> list[tuple[object, str, str]]:

@@ -1,12 +1,17 @@
 """The decoding loop: propose -> verify (one target forward over a tree) -> accept -> commit.
 
-The loop is the same for every method; a method is a drafter (see drafters/base.py). Plain
-decoding (`ar`) is the drafter that proposes nothing, so every speed ratio specprobe reports
-compares two runs of this one loop.
+The loop is the same for every method and every backend; a method is a drafter and the target is
+a backend (protocol.py). Plain decoding (`ar`) is the drafter that proposes nothing, so every
+speed ratio specprobe reports compares two runs of this one loop.
 
 Counting: every target forward is one step, the first one included (it processes the prompt and
 emits the first token, like the prefill of `model.generate`). tau = new tokens / target forwards,
 so plain decoding has tau = 1 exactly.
+
+Stopping: at EOS (`eos`), at `max_new_tokens` (`length`), at the end of the model's context
+(`context`), or when the caller's `on_tokens` callback returns True (`stop`: a stop string found,
+a client gone, a deadline passed). Every way out runs the drafter's `finish` and releases the
+cache.
 """
 
 from __future__ import annotations
@@ -17,12 +22,10 @@ from typing import Callable
 
 import torch
 
-from .drafters.base import Drafter, Proposal, StepResult
-from .errors import PromptTooLongError
-from .kv_cache import cache_length, keep_rows, new_cache
+from ..errors import PromptTooLongError
+from .protocol import Backend, Drafter, Proposal, StepResult
 from .sampling import PositionNoise, SamplingConfig, accept
 from .tree import Layout
-from .verify import Target
 
 
 @dataclass
@@ -59,7 +62,7 @@ class GenerationResult:
     token_ids: list[int]  # new tokens only
     prompt_ids: list[int]
     stats: GenerationStats
-    stop_reason: str  # "eos", "length" or "context"
+    stop_reason: str  # "eos", "length", "context" or "stop" (the caller's on_tokens asked to stop)
     method: str = "ar"
 
     def to_dict(self) -> dict:
@@ -83,17 +86,20 @@ class GenerationResult:
 
 
 class Session:
-    """What a drafter may read during one generation."""
+    """What a drafter may read during one generation: the target (a Backend), the target's
+    tokenizer (None when the caller gave token ids only), the committed tokens, the sampling
+    settings and their coupled noise."""
 
-    def __init__(self, target: Target, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None):
+    def __init__(self, target: Backend, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None, tokenizer=None):
         self.target = target
+        self.tokenizer = tokenizer
         self.sampling = sampling or SamplingConfig()  # temperature 0: greedy
         self.generator = None if self.sampling.greedy else self.sampling.generator()
         self.noise = None if self.sampling.greedy else PositionNoise(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
         self.prompt_len = len(prompt_ids)
         self.ids: list[int] = list(prompt_ids)  # committed tokens: prompt + generated
         self.pending: list[int] = list(prompt_ids)  # committed but not yet in the cache
-        self.cache = new_cache()
+        self.cache = target.new_cache()
         self.max_new_tokens = max_new_tokens
 
     @property
@@ -102,21 +108,40 @@ class Session:
 
     @property
     def cache_len(self) -> int:
-        return cache_length(self.cache)
+        return self.target.cache_length(self.cache)
+
+
+def cut_at_stop(tokens: list[int], remaining: int, room: int, eos_ids: set[int]) -> tuple[list[int], bool]:
+    """A step's tokens cut to the length and context left, and at the first EOS (kept).
+
+    >>> cut_at_stop([5, 2, 7, 8], remaining=10, room=10, eos_ids={2})
+    ([5, 2], True)
+    >>> cut_at_stop([5, 6, 7], remaining=2, room=10, eos_ids=set())
+    ([5, 6], False)
+    """
+    tokens = tokens[: min(remaining, room)]
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: i + 1], True
+    return tokens, False
 
 
 @torch.inference_mode()
 def decode(
-    target: Target,
+    target: Backend,
     prompt_ids: list[int],
     drafter: Drafter,
     max_new_tokens: int,
     eos_ids: set[int],
-    on_tokens: Callable[[list[int]], None] | None = None,
+    on_tokens: Callable[[list[int]], bool | None] | None = None,
     sampling: SamplingConfig | None = None,
+    tokenizer=None,
 ) -> tuple[list[int], GenerationStats, str]:
     """Generate up to `max_new_tokens` after `prompt_ids`; returns (new ids, stats, stop reason).
-    `sampling`: temperature / top-k / top-p / seed (default: greedy)."""
+
+    on_tokens(ids): called with each step's committed tokens; returning True ends the generation
+    there (stop reason "stop"). sampling: temperature / top-k / top-p / seed (default: greedy).
+    tokenizer: the target's, for drafters that read text (Session.tokenizer)."""
     if not prompt_ids:
         raise PromptTooLongError("the prompt is empty: give at least one token")
     if len(prompt_ids) >= target.max_length:
@@ -124,45 +149,52 @@ def decode(
             f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_length} tokens"
         )
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    session = Session(target, prompt_ids, max_new_tokens, sampling)
-    target.observe_tokens(prompt_ids)  # the reduced draft vocabulary learns from what it serves
+    session = Session(target, prompt_ids, max_new_tokens, sampling, tokenizer)
+    target.observe_tokens(prompt_ids)  # what the backend learns across requests (its reduced draft vocabulary)
     t_start = time.perf_counter()
-    drafter.start(session)
-    stats.draft_time += time.perf_counter() - t_start
-    stop = "length"
-    while True:
-        remaining = max_new_tokens - len(session.generated)
-        if remaining <= 0:
-            stop = "length"
-            break
-        if len(session.ids) >= target.max_length:
-            stop = "context"
-            break
+    try:
+        drafter.start(session)
+        stats.draft_time += time.perf_counter() - t_start
+        stop = _loop(session, drafter, eos_ids, on_tokens, stats)
         t0 = time.perf_counter()
+        drafter.finish(session)  # e.g. omnidraft's online distillation: its time counts in the request's wall time
+        stats.adapt_time = time.perf_counter() - t0
+    finally:
+        target.release(session.cache)
+    stats.new_tokens = len(session.generated)
+    stats.wall_time = time.perf_counter() - t_start
+    return session.generated, stats, stop
+
+
+def _loop(session: Session, drafter: Drafter, eos_ids: set[int], on_tokens, stats: GenerationStats) -> str:
+    """Steps until a stop; returns the stop reason."""
+    target = session.target
+    while True:
+        remaining = session.max_new_tokens - len(session.generated)
+        if remaining <= 0:
+            return "length"
+        if len(session.ids) >= target.max_length:
+            return "context"
+        t0 = time.perf_counter()
+        # 1. propose (nothing to verify for the last token)
         proposal = drafter.propose(session) if remaining > 1 else Proposal()
         t1 = time.perf_counter()
         past = session.cache_len
         n_pending = len(session.pending)
+        dropped = remaining <= 1
         if past + Layout.of(n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
-            proposal = Proposal()  # no room for drafts near the end of the context
+            proposal, dropped = Proposal(), True  # no room for drafts near the end of the context
+        # 2. verify, 3. accept
         out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux, proposal.needs_hidden_states)
         acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids))
-        keep_rows(session.cache, past, list(range(n_pending)) + [n_pending + i for i in acceptance.path])
+        # 4. commit
+        target.commit(session.cache, past, out.layout.kept_rows(acceptance.path))
         t2 = time.perf_counter()
-
-        emitted = acceptance.tokens[:remaining]
-        room = target.max_length - len(session.ids)
-        emitted = emitted[:room]
-        for i, tok in enumerate(emitted):
-            if tok in eos_ids:
-                emitted = emitted[: i + 1]
-                stop = "eos"
-                break
+        emitted, eos = cut_at_stop(acceptance.tokens, remaining, target.max_length - len(session.ids), eos_ids)
         session.ids.extend(emitted)
         target.observe_tokens(emitted)
         session.pending = [acceptance.bonus]
-        step = StepResult(proposal, out, acceptance, emitted)
-        drafter.observe(session, step)
+        drafter.observe(session, StepResult(proposal, out, acceptance, emitted, dropped))
         t3 = time.perf_counter()
 
         stats.target_forwards += 1
@@ -171,10 +203,8 @@ def decode(
         stats.step_rows.append(out.layout.n_rows - (n_pending - 1))
         stats.draft_time += (t1 - t0) + (t3 - t2)
         stats.verify_time += t2 - t1
-        if on_tokens is not None and emitted:
-            on_tokens(emitted)
-        if stop == "eos":
-            break
-    stats.new_tokens = len(session.generated)
-    stats.wall_time = time.perf_counter() - t_start
-    return session.generated, stats, stop
+        stopped = bool(on_tokens is not None and emitted and on_tokens(emitted))
+        if eos:
+            return "eos"
+        if stopped:
+            return "stop"

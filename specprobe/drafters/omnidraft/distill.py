@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
-from .kv_cache import cache_kwargs, prefix_copy
+from ...errors import InvalidOptionError
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -183,6 +182,7 @@ class OnlineDistiller:
 
     def update(
         self,
+        backend,
         draft_ids: list[int],
         past_len: int,
         past_cache,
@@ -191,8 +191,9 @@ class OnlineDistiller:
         shared_draft_ids: torch.Tensor,  # [n_shared]
     ) -> float | None:
         """One optimizer step on one request. The drafter is fed draft_ids[past_len:] after the
-        first `past_len` positions of `past_cache` (its inference cache, rows computed by the same
-        weights); returns the loss, or None when there was nothing to learn."""
+        first `past_len` positions of `past_cache` (its inference cache in `backend`, the torch
+        backend that ran it: rows computed by the same weights); returns the loss, or None when
+        there was nothing to learn."""
         rows_of = lambda j: j - 1 - past_len  # noqa: E731  (the fed row that predicts draft token j)
         kl = [(j, k) for j, k in alignment.kl if rows_of(j) >= 0]
         nll = [j for j in alignment.nll if rows_of(j) >= 0]
@@ -200,10 +201,10 @@ class OnlineDistiller:
             return None
         t0 = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
-            past = prefix_copy(past_cache, past_len) if past_len else None
+            past = backend.prefix_copy(past_cache, past_len) if past_len else None
             ids = torch.tensor([draft_ids[past_len:]])
             positions = torch.arange(past_len, len(draft_ids))[None]
-            logits = self.model(input_ids=ids, position_ids=positions, use_cache=True, **cache_kwargs(self.model, past)).logits[0]
+            logits = self.model(input_ids=ids, position_ids=positions, use_cache=True, **backend.cache_argument(self.model, past)).logits[0]
             loss = hybrid_loss(
                 logits,
                 torch.tensor([rows_of(j) for j, _ in kl], dtype=torch.long),

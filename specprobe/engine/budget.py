@@ -5,7 +5,7 @@ target accepts it (the product of its path's conditional acceptance estimates, s
 scores above its parent and the first n nodes always form a tree). A tree of the first n nodes
 then emits on average 1 + s_1 + ... + s_n tokens per forward, and that forward costs T(q(n)),
 where q(n) counts every row the forward runs (pending token, n nodes, the drafter's auxiliary
-rows) and T is the target's measured cost curve on this machine (`profile.cost_curve`). The
+rows) and T is the target's measured cost curve on this machine (`Backend.cost_curve`). The
 budget is the n that maximises (1 + s_1 + ... + s_n) / T(q(n)), chosen again at every step.
 
 Drafters' raw scores are not calibrated (ESP's untrained masks are over-confident on SmolLM2,
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import InvalidOptionError
+
 
 @dataclass
 class CostCurve:
@@ -31,9 +33,8 @@ class CostCurve:
     @classmethod
     def from_dict(cls, times: dict[int, float]) -> "CostCurve":
         """Measured points, made non-decreasing: q rows never cost more than the time measured for
-        more rows (a forward could pad them), so a point above a later one is noise and is lowered.
-        Measured on an H200, SmolLM2's T(16) came out at 1.31 T(1) between 1.12 at 8 and 1.24 at
-        32; read raw, that bump made every tree of 9-20 rows look dearer than it is.
+        more rows (a forward could pad them), so a point above a later one is noise and is lowered
+        (read raw, such a bump makes every tree near it look dearer than it is).
 
         >>> CostCurve.from_dict({1: 1.0, 8: 1.12, 16: 1.31, 32: 1.24}).seconds
         [1.0, 1.12, 1.24, 1.24]
@@ -109,8 +110,6 @@ def parse_budget(value) -> int | str:
     except (TypeError, ValueError):
         n = 0
     if n < 1 or (isinstance(value, float) and value != n):
-        from .errors import InvalidOptionError
-
         raise InvalidOptionError(f"budget must be 'auto' or an integer >= 1, got {value!r}")
     return n
 
@@ -125,9 +124,8 @@ class AutoBudget:
     """
 
     def __init__(self, target, prior: float = 1.0):
-        from .profile import target_cost_curve
-
-        self.cost = CostCurve.from_dict(target_cost_curve(target))
+        """target: the Backend whose measured cost curve prices each tree."""
+        self.cost = CostCurve.from_dict(target.cost_curve())
         self.calibration = Calibration(prior)
         self.overhead = 0.0  # seconds per step beyond T(q)
         self._last: tuple[float, int] | None = None  # (time of the last choice, its rows)

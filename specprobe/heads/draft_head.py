@@ -28,6 +28,7 @@ as one directory: config.json + head.pt.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
+from ..store import atomic_write
 
 
 @dataclass
@@ -60,7 +62,7 @@ class HeadConfig:
 
     @classmethod
     def for_target(cls, target, contemplate: int = 0, name: str = "") -> "HeadConfig":
-        """A head shaped like `target` (a specprobe.verify.Target)."""
+        """A head shaped like `target` (a TorchBackend)."""
         cfg = target.config
         n_layers = cfg.num_hidden_layers
         heads = cfg.num_attention_heads
@@ -156,10 +158,9 @@ class DraftHead(nn.Module):
             w = norm.weight.float()
             # Gemma's RMSNorm scales by (1 + weight); ours by weight
             self.norm_out.weight.copy_(w + 1 if "Gemma" in type(norm).__name__ else w)
-        if self.config.contemplate:
-            from .drafters.esp import vocabulary_mean  # the same vector ESP uses
-
-            self.contemplate_prompts.copy_(vocabulary_mean(target).to(self.contemplate_prompts)[None].expand_as(self.contemplate_prompts))
+        if self.config.contemplate:  # the vocabulary's mean embedding: the vector ESP's vocab-mean masks use
+            mean = target.embedding_stats()[0]
+            self.contemplate_prompts.copy_(mean.to(self.contemplate_prompts)[None].expand_as(self.contemplate_prompts))
 
     def set_vocabulary(self, ids: list[int]) -> None:
         """Draft only these target token ids (sorted); the config records their number."""
@@ -221,21 +222,34 @@ class DraftHead(nn.Module):
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        torch.save(self.state_dict(), d / "head.pt")
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write(d / "head.pt", buffer.getvalue())
+        atomic_write(d / "config.json", json.dumps(asdict(self.config), indent=2))
 
-    @classmethod
-    def load(cls, directory: str | Path) -> "DraftHead":
+    @staticmethod
+    def read_config(directory: str | Path) -> HeadConfig:
+        """The config of the head saved in `directory` (without loading its weights)."""
         d = Path(directory)
         if not (d / "config.json").is_file() or not (d / "head.pt").is_file():
             raise InvalidOptionError(
                 f"{d} is not a draft-head directory (config.json and head.pt); train one with `specprobe train-head`"
             )
-        raw = json.loads((d / "config.json").read_text())
-        raw["feature_layers"] = tuple(raw["feature_layers"])
-        head = cls(HeadConfig(**raw))
-        head.load_state_dict(torch.load(d / "head.pt", map_location="cpu", weights_only=True))
+        try:
+            raw = json.loads((d / "config.json").read_text())
+            raw["feature_layers"] = tuple(raw["feature_layers"])
+            return HeadConfig(**raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidOptionError(f"{d / 'config.json'} is not a draft-head config ({e})") from None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DraftHead":
+        d = Path(directory)
+        head = cls(DraftHead.read_config(d))
+        try:
+            head.load_state_dict(torch.load(d / "head.pt", map_location="cpu", weights_only=True))
+        except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file is the user's input error
+            raise InvalidOptionError(f"cannot read the draft head {d / 'head.pt'}: {e}") from None
         head.eval()
         return head
 

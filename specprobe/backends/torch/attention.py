@@ -1,4 +1,4 @@
-"""Attention over the KV cache for many new rows without copying the cache (issue 9).
+"""Attention over the KV cache for many new rows without copying the cache.
 
 With grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads; Gemma3: 4 share 1)
 transformers' SDPA path repeats every cached key and value once per query head sharing it
@@ -12,20 +12,13 @@ module does the same for q rows (only the query and the mask are reshaped, never
 
 so row r * q + i of key/value head g is query head g * group + r at position i, which sees the
 same keys through the same mask row i. Each output is the same softmax-weighted sum over the same
-dot products as before (the SDPA kernel is the same; measured max |logit difference| 0 to 2.5e-5
-in float32 against transformers' path). Measured with one thread (SmolLM2-135M, 1500-token cache):
-a forward of 2 rows 152 -> 112 ms, 8 rows 228 -> 179 ms; at a 300-token cache within noise.
+dot products as before (the SDPA kernel is the same).
 
 It also keeps a CUDA defect away from verification: for one key/value head (Gemma3-270M),
 `repeat_kv` returns a stride-0 view of the cache, and PyTorch's memory-efficient SDPA kernel
-returns wrong rows for such broadcast keys/values with a mask (reported as pytorch/pytorch#191937
-for key counts 1 modulo 32). Measured on an H100 (torch 2.11, scripts/cuda_sdpa_check.py,
-docs/gpu/h100-sdpa-check.md): with Gemma3-270M's shapes the expanded form was wrong at 33 rows for
-every key count from 500 to 560 in float32 (max error 0.05), the grouped form below never. A
-33-row step is `pld`'s default tree, and on an H200 `pld` had once left plain decoding's tokens on
-Gemma3 through transformers' path; through this one, every method matched plain decoding on all
-65 questions of the issue-4 run on the H100. Here keys and values reach SDPA as the cache holds
-them, on every device.
+returns wrong rows for such broadcast keys/values with a mask (pytorch/pytorch#191937). Here keys
+and values reach SDPA as the cache holds them, on every device. The figures (speed, the defect
+on an H100): docs/engine-measurements.md.
 
 `use_grouped_attention(decoder)` switches a decoder COPY to it (the engine's planned decoder owns
 its own config); any case it does not cover (no grouping, a per-head mask, attention biases,
@@ -34,11 +27,9 @@ softcapping, prefill without a mask) goes to transformers' own SDPA function unc
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 NAME = "specprobe_grouped_sdpa"
-_registered = False
 
 
 def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -66,14 +57,12 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 
 def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Register grouped_sdpa with transformers (its registries are global; registering twice is harmless)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, grouped_sdpa)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the model builds its own masks as for "sdpa"
-        _registered = True
+    AttentionInterface.register(NAME, grouped_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the model builds its own masks as for "sdpa"
 
 
 def use_grouped_attention(decoder) -> bool:

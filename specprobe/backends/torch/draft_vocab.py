@@ -1,4 +1,4 @@
-"""The reduced draft vocabulary: the tokens the engine has seen most often (issue 9).
+"""The reduced draft vocabulary: the tokens the engine has seen most often.
 
 Rows that only feed drafts (lookahead's Jacobi window, ESP's masks) need a good guess, not the
 exact distribution, so they may be scored over part of the vocabulary only, as EAGLE-3 scores its
@@ -10,16 +10,9 @@ every generation served by one target (a process serving one kind of traffic lea
 traffic's vocabulary). `TokenFrequencies` counts them; the reduced vocabulary is a fixed share of
 the whole (vocab / MAX_FRACTION tokens): the tokens seen, most frequent first, then the tokens
 never seen in id order (byte-pair tokenizers number their tokens roughly by frequency in their
-own training data: SmolLM2's first 6144 ids cover 87 % of its greedy Spec-Bench answers, Gemma3's
-first 32768 ids 67 %). It says when the seen tokens have grown enough to rebuild the reduced head
-(a copy of those rows of the head's weight).
-
-Measured on this machine (6 Spec-Bench questions, 96 tokens each, 2 threads, with and without,
-interleaved per question; outputs identical): Gemma3-270M (262144-token head), lookahead's step
-366 -> 292 ms (11.5 -> 14.6 tok/s, tau 4.20 -> 4.27) with its 28 window rows on 32768 tokens;
-SmolLM2-135M (49152), 237 -> 229 ms at tau 1.72 -> 1.67 (7.3 tok/s both). ESP and the hybrid
-never took the split (one or two mask rows: the costs say it does not pay). Before the fill-up,
-SmolLM2's 354 seen tokens alone were too few: lookahead's tau fell 1.72 -> 1.48.
+own training data). It says when the seen tokens have grown enough to rebuild the reduced head
+(a copy of those rows of the head's weight). What it gained, and why the fill-up:
+docs/engine-measurements.md.
 """
 
 from __future__ import annotations

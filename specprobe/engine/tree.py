@@ -15,8 +15,9 @@ A verification forward feeds the target, after its KV cache of `P` positions:
   anchored to a node (or the root), sees that node's path, a chosen set of earlier auxiliary rows,
   and itself, at position `position(anchor) + offset`.
 
-`Layout` is the pure shape of that (no token values), so masks are built once per shape and
-cached.
+`Layout` is the pure shape of that (no token values), so the visibility structure is built once
+per shape and cached (`rows_structure`); each backend turns it into its own form (4-D additive
+masks for transformers, sequence-id sets for llama.cpp).
 """
 
 from __future__ import annotations
@@ -120,6 +121,19 @@ class Layout:
     def n_rows(self) -> int:
         return self.n_pending + len(self.parents) + len(self.aux_anchor)
 
+    @staticmethod
+    def rows_of(n_nodes: int, n_aux: int = 0, n_pending: int = 1) -> int:
+        """Rows of a forward with these counts (what a drafter's budget prices a tree at)."""
+        return n_pending + n_nodes + n_aux
+
+    def kept_rows(self, path: list[int]) -> list[int]:
+        """The rows a step keeps in the cache: every pending row, then the accepted nodes' rows.
+
+        >>> Layout(2, (-1, 0, -1), (-1,), (1,), ((),)).kept_rows([2])
+        [0, 1, 4]
+        """
+        return list(range(self.n_pending)) + [self.tree_row(i) for i in path]
+
     @property
     def is_chain(self) -> bool:
         """True when the rows are one causal chain (plain decoding): the model's own mask serves."""
@@ -163,47 +177,3 @@ def rows_structure(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         vis[r, r] = True
         off[r] = off[ar] + layout.aux_offset[j]
     return vis, off
-
-
-def attention_masks(
-    layout: Layout,
-    past_len: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    sliding_window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Additive 4-D masks for the target's forward and the rows' position ids.
-
-    Returns (full_mask [1, 1, q, past_len + q], sliding_mask or None, position_ids [1, q]).
-    The sliding mask also hides keys `sliding_window` or more positions behind the query, as
-    transformers' own sliding-window layers do (`kv_idx > q_idx - sliding_window`).
-    """
-    vis, off = rows_structure(layout)
-    q = vis.shape[0]
-    positions = off + past_len  # [q]
-    allowed = torch.cat([torch.ones(q, past_len, dtype=torch.bool), vis], dim=1)  # [q, past+q]
-    full, sliding = additive_masks(allowed, positions, torch.cat([torch.arange(past_len), positions]), dtype, device, sliding_window)
-    return full, sliding, positions[None].to(device)
-
-
-def additive_masks(
-    allowed: torch.Tensor,  # [q, k] bool: query row r may attend to key k
-    positions: torch.Tensor,  # [q] long: the query rows' positions
-    key_positions: torch.Tensor,  # [k] long
-    dtype: torch.dtype,
-    device: torch.device,
-    sliding_window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(full [1, 1, q, k], sliding [1, 1, q, k] or None) additive masks from a boolean one."""
-    neg = torch.finfo(dtype).min
-
-    def additive(a: torch.Tensor) -> torch.Tensor:
-        m = torch.zeros(a.shape, dtype=dtype)
-        m.masked_fill_(~a, neg)
-        return m[None, None].to(device)
-
-    sliding = None
-    if sliding_window is not None:
-        near = key_positions[None, :] > positions[:, None] - sliding_window
-        sliding = additive(allowed & near)
-    return additive(allowed), sliding

@@ -1,0 +1,75 @@
+"""The flag tables and option parsing every command shares: model flags, method flags (one table
+for generate, bench and serve), sampling flags, and turning parsed flags into API options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..drafters import METHODS
+from ..engine.sampling import SamplingConfig
+from ..models import BUILTIN_MODELS, DEFAULT_MODEL
+
+# CLI flag -> (drafter option name, type, help). Flags a method does not take are ignored for it.
+METHOD_FLAGS = {
+    "--masks": ("masks", int, "ESP, hybrid: mask rows after each tree node (k; drafts reach depth k)"),
+    "--branching": ("branching", int, "ESP, hybrid: K, candidates per depth and children per node"),
+    "--budget": ("budget", str, "ESP, PLD, hybrid: tree nodes verified per step, or auto (ESP, hybrid: the size that maximises tokens/s on this machine)"),
+    "--mask-init": ("mask_init", str, "ESP, hybrid: context-mean | ema | vocab-mean | gaussian | token:ID"),
+    "--ema-lambda": ("ema_lambda", float, "ESP: EMA rate for --mask-init ema"),
+    "--max-budget": ("max_budget", int, "ESP, hybrid: the largest tree --budget auto considers"),
+    "--max-ngram": ("max_ngram", int, "PLD, hybrid: longest suffix searched for"),
+    "--min-ngram": ("min_ngram", int, "PLD: shortest suffix searched for"),
+    "--num-pred-tokens": ("num_pred_tokens", int, "PLD, hybrid: tokens copied after a match"),
+    "--max-candidates": ("max_candidates", int, "PLD, hybrid: continuations merged into the tree"),
+    "--window": ("window", int, "lookahead: W, columns of the Jacobi window"),
+    "--ngram": ("ngram", int, "lookahead, hybrid: N, n-gram length"),
+    "--guess": ("guess", int, "lookahead: G, n-grams verified per step"),
+    "--num-tokens": ("num_tokens", int, "draft: draft depth per step"),
+    "--tree-top-k": ("tree_top_k", int, "draft: tokens proposed per depth (1 = chain)"),
+    "--head": ("head", str, "eagle, confu: a trained head directory (specprobe train-head)"),
+    "--depth": ("depth", int, "eagle, confu: head passes per step (the deepest draft)"),
+    "--draft-layers": ("draft_layers", int, "omnidraft: draft with the draft model's first N layers"),
+    "--ngram-cache": ("ngram_cache", str, "omnidraft: JSON file the vocabulary bridge's n-gram cache is loaded from and saved to"),
+    "--adapt-state": ("adapt_state", str, "omnidraft: file the online-distilled adapter (and n-gram cache, acceptance model) is loaded from and saved to after each request"),
+    "--adapt-lr": ("adapt_lr", float, "omnidraft: learning rate of the online distillation (default 2e-3)"),
+    "--adapt-rank": ("adapt_rank", int, "omnidraft: LoRA rank of the online distillation (default 8)"),
+}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in alias ({', '.join(BUILTIN_MODELS)}), hub id, model directory or .gguf file (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    for flag, (dest, typ, help_) in METHOD_FLAGS.items():
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample, losslessly")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same machine: same output)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)  # validate before any model loads
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+
+
+def method_options(args: argparse.Namespace, method: str) -> dict:
+    """The method options given on the command line that `method` takes."""
+    _, config_cls = METHODS[method]
+    if config_cls is None:
+        return {}
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {dest: getattr(args, dest) for dest, *_ in METHOD_FLAGS.values() if dest in names and getattr(args, dest) is not None}
+
+

@@ -1,0 +1,48 @@
+"""The `specprobe` command line: generate, bench (Spec-Bench), profile (the cost curve T(q)), tune
+(ESP settings per model), serve (an OpenAI-compatible server), train-head (EAGLE / ConFu heads).
+
+commands/ is the only place that reads argv or prints for a person; nothing imports it. Errors a
+user can cause print one line on stderr and exit with status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import SpecProbeError
+from . import bench, generate, profile, serve, train_head, tune
+from .args import add_method_args, add_model_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specprobe", description="Lossless speculative decoding for Hugging Face causal LMs.")
+    parser.add_argument("--version", action="version", version=f"specprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    generate.add_parser(sub)
+    bench.add_parser(sub)
+    profile.add_parser(sub, add_model_args)
+    tune.add_parser(sub, add_model_args)
+    serve.add_parser(sub, add_model_args, add_method_args)
+    train_head.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max_new_tokens", 1) < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    try:
+        return args.func(args)
+    except SpecProbeError as e:
+        print(f"specprobe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specprobe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
