@@ -60,8 +60,9 @@ BUILTIN_MODELS = {
 @dataclass
 class LoadedModel:
     name: str
-    model: object
+    model: object  # a transformers causal LM (backend "torch") or a LlamaCppModel (backend "llamacpp")
     tokenizer: object
+    backend: str = "torch"
 
 
 def builtin_gguf(alias: str) -> Path:
@@ -149,12 +150,33 @@ def _save_converted(model, tokenizer, gguf: Path, converted: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu", use_cache: bool = True) -> LoadedModel:
-    """Load a target model and its tokenizer; raises ModelNotFoundError with a one-line reason."""
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch", "llamacpp")
+
+
+def load(
+    name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu", use_cache: bool = True, backend: str = "torch", **backend_options
+) -> LoadedModel:
+    """Load a target model and its tokenizer; raises ModelNotFoundError with a one-line reason.
+
+    backend: "torch" (a transformers model in PyTorch; any hub id, directory or GGUF file, GGUF
+    de-quantised to `dtype`) or "llamacpp" (a GGUF file on llama.cpp, quantised as it is;
+    backend_options: context, threads, gpu_layers, extra_bufts, flash_attention, see
+    backends/llamacpp/model.py)."""
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "llamacpp":
+        return _load_llamacpp(name, **backend_options)
+    if backend_options:
+        raise InvalidOptionError(f"options {', '.join(backend_options)} are for the llamacpp backend")
     if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise InvalidOptionError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if dtype not in DTYPES:
+            raise InvalidOptionError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         dtype = getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidOptionError(f"unsupported dtype {dtype}; use {', '.join(DTYPES)}")
+    if not isinstance(device, str) or not _device_exists(device):
+        raise InvalidOptionError(f"no such torch device {device!r} (cpu, cuda, cuda:N, mps)")
     _quiet_transformers()
     path = Path(name).expanduser()
     if name in BUILTIN_MODELS:
@@ -171,6 +193,66 @@ def load(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device
         model, tokenizer = _load_hf(name, dtype)
     model.to(device).eval()
     return LoadedModel(name, model, tokenizer)
+
+
+def _device_exists(device: str) -> bool:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    if d.type == "cuda":
+        return torch.cuda.is_available() and (d.index is None or d.index < torch.cuda.device_count())
+    if d.type == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return d.type == "cpu"
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a built-in alias or a .gguf path (the llamacpp backend runs GGUF files only)."""
+    if name in BUILTIN_MODELS:
+        return builtin_gguf(name)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {name}")
+        return path
+    raise ModelNotFoundError(f"the llamacpp backend runs GGUF files: give a built-in alias ({', '.join(BUILTIN_MODELS)}) or a .gguf file, not {name!r}")
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer of a GGUF file (transformers reads it from the file), cached on disk: the one
+    the converted model keeps when there is one, else a copy made once."""
+    from transformers import AutoTokenizer
+
+    converted = _converted_dir(gguf)
+    if (converted / "COMPLETE").exists():
+        return AutoTokenizer.from_pretrained(str(converted))
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    folder = cache_root() / "tokenizers" / f"{gguf.stem}-{key}"
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:  # a read-only cache only costs the next load
+        pass
+    return tokenizer
+
+
+def _load_llamacpp(name: str, **options) -> LoadedModel:
+    from .backends.llamacpp import LlamaCppModel, LlamaCppSettings
+
+    known = set(LlamaCppSettings.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidOptionError(f"unknown llamacpp option(s) {', '.join(unknown)}; it takes {', '.join(sorted(known))}")
+    path = gguf_path(name)
+    _quiet_transformers()
+    tokenizer = gguf_tokenizer(path)
+    return LoadedModel(name, LlamaCppModel(path, LlamaCppSettings(**{k: v for k, v in options.items() if v is not None})), tokenizer, backend="llamacpp")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -242,14 +324,17 @@ def format_prompt(tokenizer, prompt, chat: bool | None = None) -> list[int]:
     return tokenizer(plain_template(messages)).input_ids
 
 
-def load_draft(spec: str, target: LoadedModel, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """A draft model for `target`: a model name (loaded like `load`) or `truncated:N`, the
-    target's own first N layers (see `truncated_model`)."""
+def load_draft(spec: str, target: LoadedModel, dtype: str = "float32", device: str = "cpu", backend: str | None = None) -> LoadedModel:
+    """A draft model for `target`: a model name (loaded like `load`, on `backend`, by default the
+    target's) or `truncated:N`, the target's own first N layers (backends/torch/truncate.py)."""
+    backend = backend or target.backend
     if spec.startswith("truncated:"):
+        if target.backend != "torch":
+            raise InvalidOptionError("--draft-model truncated:N needs the torch backend (llama.cpp runs whole models)")
         n = spec.split(":", 1)[1]
         if not n.isdigit():
             raise InvalidOptionError(f"--draft-model truncated:N needs a layer count N, got {spec!r}")
         from .backends.torch.truncate import truncated_model
 
         return LoadedModel(spec, truncated_model(target.model, int(n)), target.tokenizer)
-    return load(spec, dtype=dtype, device=device)
+    return load(spec, dtype=dtype, device=device, backend=backend)

@@ -19,6 +19,8 @@ TUNED_KEYS = ("mask_init", "masks", "branching")
 
 
 def model_key(model) -> str:
+    if hasattr(model, "tuned_key"):  # a llama.cpp model names itself
+        return model.tuned_key
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head = model.get_output_embeddings().weight
     key = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{head.shape[0]}-{head.dtype}-{head.device.type}"

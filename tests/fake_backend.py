@@ -48,6 +48,7 @@ class FakeBackend:
     dtype = torch.float32
     device = torch.device("cpu")
     supports_hidden_states = False
+    verifies_trees = True
 
     def __init__(self, max_length: int = 256):
         self.max_length = max_length

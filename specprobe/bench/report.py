@@ -5,7 +5,8 @@ Per method and per category (and overall), a cell holds, as Spec-Bench defines t
     tau             total new tokens / total decoding steps (target forwards); null where unobserved
     tokens_per_s    mean over answers of (new tokens / wall time), turns summed per answer
     speedup         tokens_per_s of the method / tokens_per_s of `ar` in the same category
-    identical_to_ar fraction of answers whose token ids equal ar's for the same question
+    identical_to_ar fraction of answers whose token ids equal ar's for the same question (for
+                    `method@backend`, that backend's `ar@backend` where it ran)
     acceptance      accepted draft tokens / proposed draft tokens ((new tokens - steps) / draft tokens:
                     every step commits one token of the target's own); null where unobserved
     adapt_share     share of the wall time spent adapting the drafter between requests (omnidraft)
@@ -94,6 +95,17 @@ def disturbed_questions(ar_records: list[dict]) -> list[dict]:
     ]
 
 
+def identical_reference(method: str, methods) -> str:
+    """The method whose tokens `method` must equal: `ar@llamacpp` for `hybrid@llamacpp` (when it
+    ran), else `ar`.
+
+    >>> identical_reference("hybrid@llamacpp", ["ar", "ar@llamacpp"]), identical_reference("pld", ["ar"])
+    ('ar@llamacpp', 'ar')
+    """
+    _, _, backend = method.partition("@")
+    return f"ar@{backend}" if backend and f"ar@{backend}" in methods else "ar"
+
+
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
     """The summary of answer records (see the module docstring); `methods` fixes the row order."""
     models = {r.get("model_id") for r in records} - {None}
@@ -111,9 +123,10 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
     histogram: dict[str, dict[int, int]] = {}
     for m in order:
         recs = [by_method[m][q] for q in qids]
-        cells[m] = {OVERALL: cell(recs, ar)}
+        own = by_method.get(identical_reference(m, by_method), ar)  # a method on another backend is compared with that backend's ar
+        cells[m] = {OVERALL: cell(recs, own)}
         for c in categories:
-            cells[m][c] = cell([r for r in recs if r["category"] == c], ar)
+            cells[m][c] = cell([r for r in recs if r["category"] == c], own)
         lengths = [n for r in recs for turn in turn_accept_lengths(r["choices"][0]) if turn is not None for n in turn]
         if lengths:
             histogram[m] = dict(sorted(Counter(lengths).items()))

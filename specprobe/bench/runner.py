@@ -1,9 +1,12 @@
 """The benchmark loop: every method on every question, interleaved, one answer line at a time.
 
-Methods are the names of `specprobe.drafters.METHODS` (run through `specprobe.generate`) and
-four reference rows run by transformers itself: `hf` (`model.generate`, greedy), `hf-pld`
-(its prompt lookup, 10 tokens), `hf-assisted` (its assisted generation with the draft model) and
-`hf-uag` (its universal assisted generation: a draft model with a different tokenizer).
+Methods are the names of `specprobe.drafters.METHODS` (run through `specprobe.generate`), each
+on the bench's backend or, written `method@backend` (`hybrid@llamacpp`), on another one loaded
+from the same model; and reference rows run by other software: transformers' `hf`
+(`model.generate`, greedy), `hf-pld` (its prompt lookup, 10 tokens), `hf-assisted` (its assisted
+generation with the draft model) and `hf-uag` (its universal assisted generation: a draft model
+with a different tokenizer); llama-cpp-python's `llamacpp` (greedy) and `llamacpp-lookup` (its
+prompt-lookup drafting), see llamacpp_rows.py.
 
 First each method's one-time work (`specprobe.api.prepare`: kernel plans, the cost curve, a
 short warm-up generation on a prompt of its own), announced on stderr, so no question's time holds
@@ -32,6 +35,9 @@ from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, appen
 from .progress import make_progress
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted", "hf-uag")
+LLAMACPP_METHODS = ("llamacpp", "llamacpp-lookup")
+REFERENCE_METHODS = (*HF_METHODS, *LLAMACPP_METHODS)
+BACKENDS = ("torch", "llamacpp")
 HF_PLD_TOKENS = 10
 # settings that must not change between a run and its --resume (answers would not compare)
 RESUME_KEYS = ("model", "max_new_tokens", "turns", "draft_model", "dtype", "device", "repeats")
@@ -48,7 +54,27 @@ def rotated(methods: list[str], k: int) -> list[str]:
 
 
 def all_methods() -> list[str]:
-    return [*METHODS, *HF_METHODS]
+    return [*METHODS, *REFERENCE_METHODS]
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+    """("hybrid", "llamacpp") for "hybrid@llamacpp"; (name, None) without a backend.
+
+    >>> split_method("hybrid@llamacpp"), split_method("ar")
+    (('hybrid', 'llamacpp'), ('ar', None))
+    """
+    method, _, backend = name.partition("@")
+    return method, (backend or None)
+
+
+def backends_needed(methods: list[str], main: str) -> set[str]:
+    """The backends a list of methods runs on besides `main` (transformers' rows need torch,
+    llama-cpp-python's the llamacpp backend's file)."""
+    needed = set()
+    for m in methods:
+        base, backend = split_method(m)
+        needed.add(backend or ("torch" if base in HF_METHODS else "llamacpp" if base in LLAMACPP_METHODS else main))
+    return needed - {main}
 
 
 def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
@@ -56,13 +82,34 @@ def check_methods(methods: list[str], has_draft_model: bool) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     if not methods:
         raise InvalidOptionError("no methods given")
-    unknown = [m for m in methods if m not in all_methods()]
+    unknown = [m for m in methods if split_method(m)[0] not in all_methods() or split_method(m)[1] not in (None, *BACKENDS)
+               or (split_method(m)[1] and split_method(m)[0] in REFERENCE_METHODS)]
     if unknown:
         raise InvalidOptionError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; choose from {', '.join(all_methods())}")
-    needs_draft = [m for m in methods if m in ("hf-assisted", "hf-uag", *DRAFT_MODEL_METHODS)]
+    needs_draft = [m for m in methods if split_method(m)[0] in ("hf-assisted", "hf-uag", *DRAFT_MODEL_METHODS)]
     if needs_draft and not has_draft_model:
         raise InvalidOptionError(f"method {needs_draft[0]} needs a draft model: pass --draft-model NAME or --draft-model truncated:N")
     return methods
+
+
+def model_backend(method: str, main: str) -> str:
+    """The backend whose LoadedModel runs `method`."""
+    base, backend = split_method(method)
+    if backend:
+        return backend
+    return "torch" if base in HF_METHODS else "llamacpp" if base in LLAMACPP_METHODS else main
+
+
+def _backend_facts(lm) -> dict:
+    """What the settings record of a backend: its kind, and for llama.cpp its file and settings."""
+    model = lm.model
+    if getattr(lm, "backend", "torch") == "llamacpp":
+        from ..backends.llamacpp import batch_invariant_build
+
+        return {"kind": "llamacpp", "file": model.path.name, "threads": model.threads, "context": model.max_length,
+                "flash_attention": model.settings.flash_attention, "extra_bufts": model.settings.extra_bufts,
+                "batch_invariant_build": batch_invariant_build(), "max_rows": model.backend.max_rows()}
+    return {"kind": "torch", "dtype": str(getattr(model, "dtype", "")), "threads": torch.get_num_threads()}
 
 
 def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_model=None, sampling: dict | None = None) -> TurnOutput:
@@ -99,8 +146,15 @@ def hf_turn(lm, method: str, messages: list[dict], max_new_tokens: int, draft_mo
 
 
 def run_turn(lm, method: str, messages: list[dict], max_new_tokens: int, options: dict, draft_model=None) -> TurnOutput:
+    """One turn of `method` on `lm` (for `method@backend` and the reference rows, the caller
+    passes the LoadedModel of that backend)."""
+    method = split_method(method)[0]
     if method in HF_METHODS:
         return hf_turn(lm, method, messages, max_new_tokens, draft_model, options)
+    if method in LLAMACPP_METHODS:
+        from .llamacpp_rows import llamacpp_turn
+
+        return llamacpp_turn(lm, options["llama"], messages, max_new_tokens, options.get("sampling"))
     target = target_of(lm.model)
     target.learning_scope(method)  # what the backend learns across requests: each method its own (no method learns another's answers)
     r = generate(lm.model, lm.tokenizer, messages, method=method, max_new_tokens=max_new_tokens, **options)
@@ -186,6 +240,7 @@ def run_bench(
     settings: dict | None = None,
     sampling: dict | None = None,
     repeats: int = 1,
+    models: dict | None = None,
 ) -> dict:
     """Run `methods` on `questions` with the loaded model `lm` (a `specprobe.models.LoadedModel`),
     write the answer files, summary.json, summary.md and the plots into `out_dir`; returns the summary.
@@ -196,6 +251,8 @@ def run_bench(
     progress: True for the rich bar, False for a line per question, None to pick by stderr being a terminal.
     settings: extra entries recorded in settings.json and the summary (question source, dtype, ...).
     repeats: runs of every (question, method); the answer keeps the median wall time.
+    models: LoadedModels of the same model on other backends, by backend name, for
+    `method@backend` rows and the reference rows that need them (transformers' rows need "torch").
     """
     from .report import write_summary
 
@@ -206,12 +263,17 @@ def run_bench(
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidOptionError(f"--repeats must be a positive integer, got {repeats!r}")
     draft = getattr(draft_model, "model", draft_model)
-    if any(m in methods for m in ("hf-uag", "omnidraft", "omnidraft-frozen")) and not hasattr(draft_model, "tokenizer"):
+    if any(split_method(m)[0] in ("hf-uag", "omnidraft", "omnidraft-frozen") for m in methods) and not hasattr(draft_model, "tokenizer"):
         raise InvalidOptionError("hf-uag and omnidraft(-frozen) need the draft model's tokenizer: pass a LoadedModel (specprobe.load(name))")
     methods = check_methods(methods, draft is not None)
+    main = getattr(lm, "backend", "torch")
+    models = {main: lm, **(models or {})}
+    missing = sorted(backends_needed(methods, main) - set(models))
+    if missing:
+        raise InvalidOptionError(f"methods {', '.join(methods)} need the model on backend {', '.join(missing)} too (pass models={{backend: LoadedModel}})")
     method_options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    run_options = {m: ({**o, "draft_model": draft_model} if m in DRAFT_MODEL_METHODS else o) for m, o in method_options.items()}
+    run_options = {m: ({**o, "draft_model": draft_model} if split_method(m)[0] in DRAFT_MODEL_METHODS else o) for m, o in method_options.items()}
     if sampling.get("temperature", 0) > 0:  # every method samples with the same settings
         run_options = {m: {**o, **sampling} for m, o in run_options.items()}
     for m in methods:
@@ -234,6 +296,8 @@ def run_bench(
         "order": "rotated per question",
         "cross_request_learning": "the reduced draft head's token counts: one scope per method (Backend.learning_scope); "
         "omnidraft's adapter, n-gram cache and acceptance model: per method, across the questions in run order",
+        "backend": main,
+        "backends": {b: _backend_facts(m) for b, m in models.items()},
         **(settings or {}),
     }
     record_settings = _prepare_dir(out, record_settings, resume)
@@ -243,12 +307,22 @@ def run_bench(
 
     todo = [(q, [m for m in methods if (m, q["question_id"]) not in done]) for q in questions]
     todo = [(q, ms) for q, ms in todo if ms]
+    model_of = {m: models[model_backend(m, main)] for m in methods}
     if todo:
         pending = list(dict.fromkeys(m for _, ms in todo for m in ms))  # the methods with work left
-        prepare(lm.model, lm.tokenizer, [m for m in pending if m not in HF_METHODS], run_options, warm_up=False)
+        for m in pending:
+            if split_method(m)[0] in LLAMACPP_METHODS:  # llama-cpp-python's own Llama on the same file
+                from .llamacpp_rows import reference_llama
+
+                target = model_of[m].model
+                run_options[m] = {**run_options[m], "llama": reference_llama(target.path, target.max_length, target.threads, m == "llamacpp-lookup"),
+                                  "sampling": sampling}
+        for model in models.values():
+            own = [split_method(m)[0] for m in pending if model_of[m] is model and split_method(m)[0] not in REFERENCE_METHODS]
+            prepare(model.model, model.tokenizer, own, {split_method(m)[0]: run_options[m] for m in pending if model_of[m] is model}, warm_up=False)
         t0 = time.perf_counter()
-        for m in pending:  # each method's own first-call work (and transformers' rows'), out of the timed runs
-            run_turn(lm, m, [{"role": "user", "content": WARMUP_PROMPT}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft_model)
+        for m in pending:  # each method's own first-call work (and the reference rows'), out of the timed runs
+            run_turn(model_of[m], m, [{"role": "user", "content": WARMUP_PROMPT}], min(WARMUP_TOKENS, max_new_tokens), run_options[m], draft_model)
         print(f"specprobe bench: warm-up of {', '.join(pending)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         try:
             with make_progress(len(todo), repeats * sum(len(ms) for _, ms in todo), progress) as bar:
@@ -257,7 +331,7 @@ def run_bench(
                     for r in range(repeats):
                         for m in rotated(ms, i + r):
                             bar.start(q, m)
-                            runs[m].append(run_question(lm, q, m, turns, max_new_tokens, run_options[m], draft_model))
+                            runs[m].append(run_question(model_of[m], q, m, turns, max_new_tokens, run_options[m], draft_model))
                             bar.finished(q, m)
                     records = []
                     for m in ms:  # answer files in the methods' own order

@@ -43,8 +43,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"built-in alias ({', '.join(BUILTIN_MODELS)}), hub id, model directory or .gguf file (default {DEFAULT_MODEL})",
     )
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--backend", default="torch", choices=["torch", "llamacpp"],
+                   help="torch (default: the model in PyTorch) or llamacpp (a GGUF file on llama.cpp, quantised as it is)")
+    p.add_argument("--dtype", default="float32", help="torch backend: float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="torch backend: torch device (default cpu)")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

@@ -11,16 +11,18 @@ from pathlib import Path
 
 from ..bench.questions import DEFAULT_QUESTIONS, load_questions
 from ..bench.report import write_summary
-from ..bench.runner import check_methods, check_out_dir, run_bench
+from ..bench.runner import backends_needed, check_methods, check_out_dir, run_bench, split_method
 from ..drafters import DRAFT_MODEL_METHODS, METHODS, make_drafter
 from ..errors import InvalidOptionError
 from ..models import load, load_draft
 from .args import add_method_args, add_model_args, add_sampling_args, method_options, sampling_options
 
 
-def default_methods() -> list[str]:
-    """ar, hf and every method that needs no draft model or trained head."""
-    return ["ar", "hf", *[m for m in METHODS if m not in ("ar", *NEEDS_MODEL)]]
+def default_methods(backend: str = "torch") -> list[str]:
+    """ar, the backend's reference row (hf; on llama.cpp, llamacpp and llamacpp-lookup) and every
+    method that needs no draft model or trained head."""
+    reference = ["llamacpp", "llamacpp-lookup"] if backend == "llamacpp" else ["hf"]
+    return ["ar", *reference, *[m for m in METHODS if m not in ("ar", *NEEDS_MODEL)]]
 
 
 NEEDS_MODEL = (*DRAFT_MODEL_METHODS, "eagle", "confu")  # methods whose drafter needs a draft model or a trained head
@@ -41,25 +43,26 @@ def run_command(args: argparse.Namespace) -> int:
             raise InvalidOptionError(f"--repeats must be at least 1, got {args.repeats}")
         if args.turns not in (1, 2):
             raise InvalidOptionError(f"--turns must be 1 or 2, got {args.turns}")
-        methods = check_methods(split_list(args.methods) if args.methods else default_methods(), args.draft_model is not None)
-        options = {m: method_options(args, m) for m in methods if m in METHODS}
+        methods = check_methods(split_list(args.methods) if args.methods else default_methods(args.backend), args.draft_model is not None)
+        options = {m: method_options(args, split_method(m)[0]) for m in methods if split_method(m)[0] in METHODS}
         for m, head in (("eagle", args.eagle_head), ("confu", args.confu_head)):
             if m in options and head:
                 options[m]["head"] = head
         sampling = sampling_options(args)
         for m, o in options.items():
-            if m not in DRAFT_MODEL_METHODS:  # their draft model is not loaded yet
-                make_drafter(m, **o)
+            if split_method(m)[0] not in DRAFT_MODEL_METHODS:  # their draft model is not loaded yet
+                make_drafter(split_method(m)[0], **o)
         categories = split_list(args.categories) or None
         questions = load_questions(args.questions, categories, args.per_category)
         check_out_dir(out, args.resume)
-        lm = load(args.model, dtype=args.dtype, device=args.device)
+        lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+        others = {b: load(args.model, dtype=args.dtype, device=args.device, backend=b) for b in sorted(backends_needed(methods, args.backend))}
         draft = load_draft(args.draft_model, lm, args.dtype, args.device) if args.draft_model else None
         settings = {"questions": args.questions, "categories": categories, "per_category": args.per_category, "dtype": args.dtype, "device": args.device}
         summary = run_bench(
             lm, questions, methods, out, max_new_tokens=args.max_new_tokens, turns=args.turns, method_options=options,
             draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings, sampling=sampling,
-            repeats=args.repeats,
+            repeats=args.repeats, models=others,
         )
     print((out / "summary.md").read_text(), end="")
     print(f"specprobe bench: {summary['questions']} questions; wrote {out}/summary.json, summary.md, speedup.png, accept_lengths.png, acceptance_stream.png", file=sys.stderr)
@@ -73,7 +76,9 @@ def add_parser(sub) -> None:
     )
     add_model_args(b)
     b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="spec-bench (default: Spec-Bench's 480 questions, shipped with specprobe), or a question JSONL file or URL")
-    b.add_argument("--methods", help="comma-separated: specprobe methods and hf, hf-pld, hf-assisted, hf-uag (default: ar, hf and every method needing no draft model)")
+    b.add_argument("--methods", help="comma-separated: specprobe methods (method@torch, method@llamacpp: on that backend), "
+                   "and the reference rows hf, hf-pld, hf-assisted, hf-uag (transformers), llamacpp, llamacpp-lookup (llama-cpp-python) "
+                   "(default: ar, hf and every method needing no draft model)")
     b.add_argument("--categories", help="comma-separated categories to run (default: all)")
     b.add_argument("--per-category", type=int, help="the first N questions of each category (default: all)")
     b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")

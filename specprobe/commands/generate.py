@@ -72,7 +72,7 @@ def run_command(args: argparse.Namespace) -> int:
                 raise SpecProbeError(f"--method {m} needs --draft-model (a model name, or truncated:N)")
         else:
             make_drafter(m, **options[m])  # validate the options before the slow model load
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if any(m in DRAFT_MODEL_METHODS for m in methods):
         from ..models import load_draft
 

@@ -26,10 +26,12 @@ def run_command(args) -> int:
         raise InvalidOptionError("--q values must lie in 1..512")
     if 1 not in qs:
         qs = [1, *qs]
+    if args.backend == "llamacpp":
+        return _profile_llamacpp(args, qs)
     modes = list(KERNEL_MODES) if args.kernels == "both" else [args.kernels]
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     profiles = {}
     for mode in modes:
         target = TorchBackend(lm.model, kernels=mode)
@@ -69,6 +71,31 @@ def plot_profiles(profiles: dict, path) -> None:
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.legend()
     fig.savefig(path)
+
+
+def _profile_llamacpp(args, qs) -> int:
+    """The llama.cpp backend's cost curve (its parts are llama.cpp's own) and its batch-invariance
+    limit; saves the curve `--budget auto` reads."""
+    from ..engine.cost_curve import CURVE_Q, forward_times
+    from ..models import load
+
+    lm = load(args.model, backend="llamacpp", threads=args.threads)
+    backend = lm.model.backend
+    print(f"specprobe: profiling {args.model} on llama.cpp ({lm.model.threads} threads) ...", file=sys.stderr)
+    rows = backend.max_rows()
+    times = forward_times(backend, qs, args.context, args.repeats)
+    lines = [f"{args.model} on llama.cpp ({lm.model.threads} threads), KV cache {args.context} tokens; "
+             f"batches of up to {rows} rows give one-row decoding's logits bit for bit", "", "| q | T(q) ms | T(q)/T(1) |", "|---|---|---|"]
+    lines += [f"| {q} | {1e3 * t:.2f} | {t / times[qs[0]]:.2f} |" for q, t in times.items()]
+    print("\n".join(lines))
+    backend.set_cost_curve(forward_times(backend, CURVE_Q, args.context, 3))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.md").write_text("\n".join(lines) + "\n")
+        (out / "profile.json").write_text(json.dumps({"llamacpp": {"seconds": times, "max_rows": rows}}, indent=1))
+        print(f"specprobe: wrote {out / 'profile.md'}, profile.json", file=sys.stderr)
+    return 0
 
 
 def add_parser(sub, add_model_args) -> None:

@@ -26,7 +26,7 @@ def run_command(args) -> int:
             raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
     else:
         make_drafter(args.method, **options)  # bad options fail before the model loads
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
         make_drafter(args.method, **options)

@@ -23,7 +23,7 @@ def run_command(args) -> int:
         if not prompts:
             raise InvalidOptionError(f"--prompt-file {path} holds no prompt")
     grid = candidates(args.mask_inits.split(","), args.masks, args.branching)
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if any(g["mask_init"] == "token:eos" for g in grid):
         eos = lm.tokenizer.eos_token_id
         for g in grid:

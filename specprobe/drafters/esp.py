@@ -181,12 +181,13 @@ class ESPDrafter(Drafter):
     def propose(self, session) -> Proposal:
         cfg = self.config
         root = session.pending[-1]
+        branching = cfg.branching if getattr(session.target, "verifies_trees", True) else 1  # a chains-only backend: the best path
         if cfg.budget == "auto":
-            tree, scores = ranked_tree(root, self.depths, cfg.max_budget, cfg.branching)
+            tree, scores = ranked_tree(root, self.depths, cfg.max_budget, branching)
             n = self.auto.size(scores, tree.depths(), rows=lambda n: Layout.rows_of(n, cfg.masks * (n + 1)))
             tree, self.scores = tree.prefix(n), scores[:n]
         else:
-            tree = build_tree(root, self.depths, cfg.budget, cfg.branching)
+            tree = build_tree(root, self.depths, cfg.budget, branching)
         return Proposal(tree, self.mask_rows(session, tree))
 
     def mask_rows(self, session, tree: DraftTree, nodes: list[int] | None = None) -> AuxRows:

@@ -22,6 +22,10 @@ score. The first n nodes by score form the tree, n chosen by the hardware-aware 
 (budget.py) from the target's cost curve, or fixed with `budget=N`. ESP's mask rows follow the
 root and every node ESP proposed (not the copied ones: rows are what a forward costs on a CPU), so
 next step's ESP candidates are computed in this forward unless a copied node ends the accepted path.
+With `--budget auto` the mask rows are themselves a choice: they cost rows now and pay next step,
+by what ESP's candidates have added beyond the copying sources so far (a running mean); where a
+row costs much (llama.cpp on a CPU: a second row costs 1.3-1.8x the first) and ESP adds little,
+the step runs without them, and with nothing to verify the hybrid is plain decoding.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ MAX_DEPTH_BUCKET = 16  # acceptance rates are kept per depth up to this one
 MAX_RANK_BUCKET = 2  # ... and per rank of a source's candidate: 0, 1, 2 and beyond
 COPY_RUN = 2  # accepted copied tokens in a step that put the next step in copy mode
 COPY_PRIOR = 0.85  # the acceptance rate assumed in copy mode before any evidence
+ESP_GAIN_PRIOR = 0.3  # tokens per step ESP's mask rows are assumed to add, before any evidence
+GAIN_RATE = 0.1  # weight of the latest step in that running mean
+EXPLORE_EVERY = 32  # steps without mask rows after which they run once again, to measure ESP anew
 
 
 @dataclass
@@ -157,6 +164,8 @@ class HybridDrafter(Drafter):
         self.auto = AutoBudget(session.target) if c.budget == "auto" else None
         self.esp_depths_before = []
         self.copy_mode = False
+        self.esp_gain = ESP_GAIN_PRIOR  # tokens ESP's candidates add per step beyond the copying sources (running mean)
+        self.steps_bare = 0
 
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config
@@ -187,16 +196,31 @@ class HybridDrafter(Drafter):
         c = self.config
         self.esp_depths_before = self.esp.depths
         tree, scores, sources = merge_scored(self._paths(session))
+        if not getattr(session.target, "verifies_trees", True):  # a chains-only backend: the best path of the trie
+            chain = tree.main_chain()
+            tree, scores, sources = DraftTree.chain([tree.tokens[i] for i in chain]), [scores[i] for i in chain], [sources[i] for i in chain]
         # mask rows follow the root and ESP's nodes only: after a copied (pld/pool) node they would
         # mostly be wasted rows, and rows are what a forward costs on a CPU
         esp_before = [0]
         for src in sources:
             esp_before.append(esp_before[-1] + ("esp" in src))
+        masks = True
         if self.auto is not None:
-            n = self.auto.choose(scores[: c.max_budget], lambda n: Layout.rows_of(n, c.masks * (1 + esp_before[n])))
+            # ESP's mask rows cost rows in this forward and pay next step (its candidates): where a
+            # row costs much (a steep cost curve) and ESP's candidates add little, run without them
+            plans = {"masks": (lambda n: Layout.rows_of(n, c.masks * (1 + esp_before[n])), self.esp_gain),
+                     "bare": (lambda n: Layout.rows_of(n), 0.0)}
+            plan, n = self.auto.choose_plan(scores[: c.max_budget], plans)
+            self.steps_bare = 0 if plan == "masks" else self.steps_bare + 1
+            masks = plan == "masks" or self.steps_bare >= EXPLORE_EVERY  # now and then, measure ESP again
+            if masks:
+                self.steps_bare = 0
         else:
             n = c.budget
         tree, self.sources = tree.prefix(n), sources[:n]
+        self.esp_offered = any("esp" in src for src in self.sources)
+        if not masks:
+            return Proposal(tree)
         anchors = [i for i, src in enumerate(self.sources) if "esp" in src]
         return Proposal(tree, self.esp.mask_rows(session, tree, anchors))
 
@@ -219,6 +243,9 @@ class HybridDrafter(Drafter):
                 self.auto.calibration.update(esp_pred, esp_acc)
         copied = sum(1 for i in path if any(src != "esp" for src in self.sources[i])) if len(tree) else 0
         self.copy_mode = copied >= COPY_RUN
+        if self.esp_depths_before:  # ESP had candidates this step: what they added that no copy did
+            only_esp = sum(1 for i in path if self.sources[i] == {"esp"}) if len(tree) else 0
+            self.esp_gain = (1 - GAIN_RATE) * self.esp_gain + GAIN_RATE * only_esp
         self.esp.observe(session, step)  # next step's ESP candidates from the masks at the last accepted node
         self.pool.add_text(session.ids, self.pooled_upto)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)

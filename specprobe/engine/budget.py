@@ -73,6 +73,33 @@ def best_size(scores: list[float], rows: Callable[[int], int], cost: Callable[[i
     return best_n
 
 
+def best_plan(scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]], cost: Callable[[int], float]) -> tuple[str, int]:
+    """The plan and n maximising (1 + sum(scores[:n]) + bonus) / cost(rows(n)) over every plan
+    {name: (rows, bonus)}: ways of running the same best-first nodes with other auxiliary rows,
+    a bonus being what a plan's extra rows are expected to add (in tokens) beyond this step's nodes.
+
+    Example: mask rows make every forward one row dearer and are worth 0.3 tokens next step;
+    where a second row costs 1.8x the first (a steep CPU curve), drafting nothing wins:
+    >>> steep = CostCurve([1, 2, 3], [1.0, 1.8, 2.4])
+    >>> best_plan([0.2], {"masks": (lambda n: 2 + n, 0.3), "bare": (lambda n: 1 + n, 0.0)}, steep)
+    ('bare', 0)
+    >>> flat = CostCurve([1, 3], [1.0, 1.05])
+    >>> best_plan([0.2], {"masks": (lambda n: 2 + n, 0.3), "bare": (lambda n: 1 + n, 0.0)}, flat)
+    ('masks', 1)
+    """
+    best = ("", 0, -1.0)
+    for name, (rows, bonus) in plans.items():
+        expected = 1.0 + bonus
+        candidates = [(0, expected / cost(rows(0)))]
+        for n, s in enumerate(scores, start=1):
+            expected += s
+            candidates.append((n, expected / cost(rows(n))))
+        n, rate = max(candidates, key=lambda c: c[1])
+        if rate > best[2]:
+            best = (name, n, rate)
+    return best[0], best[1]
+
+
 class Calibration:
     """accepted / predicted over the nodes the target has tested, starting from `prior`."""
 
@@ -146,6 +173,17 @@ class AutoBudget:
         n = best_size(scores, rows, lambda q: self.cost(q) + self.overhead)
         self._last = (now, rows(n))
         return n
+
+    def choose_plan(self, scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]]) -> tuple[str, int]:
+        """`choose` over several plans (best_plan): the plan and the number of nodes."""
+        now = time.perf_counter()
+        self._calls += 1
+        if self._last is not None and self._calls > 2:
+            residual = now - self._last[0] - self.cost(self._last[1])
+            self.overhead = max(0.0, 0.8 * self.overhead + 0.2 * residual)
+        name, n = best_plan(scores, plans, lambda q: self.cost(q) + self.overhead)
+        self._last = (now, plans[name][0](n))
+        return name, n
 
     def size(self, scores: list[float], depths: list[int], rows: Callable[[int], int]) -> int:
         return self.choose(self.calibrated(scores, depths), rows)

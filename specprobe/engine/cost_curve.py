@@ -3,7 +3,8 @@
 The hardware-aware budget (budget.py) prices a tree of n nodes at T(rows(n)). T is measured once
 per model and machine by timing forwards through the `Backend` protocol alone (so every backend
 is measured the same way) over a KV cache of `context` random tokens: q = 1 is a decoding step,
-q > 1 a star of q - 1 draft nodes under the root (the tree path runs). Each backend stores its
+q > 1 a star of q - 1 draft nodes under the root (the tree path runs; a chain of q - 1 nodes on a
+backend that verifies chains only). Each backend stores its
 curve where it knows how to key it (the torch backend: profile.py).
 """
 
@@ -50,7 +51,8 @@ def forward_times(target, qs, context: int = 300, repeats: int = 7) -> dict[int,
     cache, last = prefilled(target, context)
     prefix = target.cache_length(cache)
     sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
-    trees = {q: star(q) for q in qs}
+    # a backend that verifies chains only runs a star's first node alone: time chains there
+    trees = {q: star(q) if getattr(target, "verifies_trees", True) else DraftTree.chain(list(range(1000, 999 + q))) for q in qs}
     samples: dict[int, list[float]] = {q: [] for q in qs}
     try:
         for round_ in range(repeats + 1):  # round 0 warms up

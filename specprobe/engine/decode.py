@@ -186,7 +186,8 @@ def _loop(session: Session, drafter: Drafter, eos_ids: set[int], on_tokens, stat
             proposal, dropped = Proposal(), True  # no room for drafts near the end of the context
         # 2. verify, 3. accept
         out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux, proposal.needs_hidden_states)
-        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids))
+        allowed = None if target.verifies_trees else set(proposal.tree.main_chain())  # a chains-only backend verified that path
+        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids), allowed)
         # 4. commit
         target.commit(session.cache, past, out.layout.kept_rows(acceptance.path))
         t2 = time.perf_counter()

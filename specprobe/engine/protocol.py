@@ -54,6 +54,8 @@ class Backend(Protocol):
     dtype: torch.dtype  # of the embedding rows it takes
     device: torch.device
     supports_hidden_states: bool  # forward(..., output_hidden_states=True) works (EAGLE, ConFu)
+    verifies_trees: bool  # False: forward verifies only the tree's main chain (tree.main_chain()), whose rows
+    # alone it computes exactly as plain decoding would; the loop then accepts along that chain only
 
     def new_cache(self) -> Any:
         """An empty KV cache for one generation (the backend's own object)."""
@@ -63,7 +65,9 @@ class Backend(Protocol):
 
     def forward(self, cache, pending: list[int], tree: DraftTree, aux: AuxRows | None = None, output_hidden_states: bool = False) -> VerifyOutput:
         """One forward over [pending][tree nodes][aux rows] after the cache; the cache then holds
-        every one of those rows until `commit`."""
+        every one of those rows until `commit`. A backend that does not verify trees computes the
+        main chain's rows and the auxiliary rows that see only it (the other rows' logits are
+        zeros, never read)."""
 
     def commit(self, cache, past: int, rows: list[int]) -> None:
         """Keep positions [0, past) and the rows `rows` of the last forward (indices counted from

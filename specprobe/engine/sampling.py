@@ -97,10 +97,12 @@ def _uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator).item())
 
 
-def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
-    """logits: [1 + n_nodes, vocab], row 0 = root. Returns the accepted path and emitted tokens."""
+def greedy_accept(tree: DraftTree, logits: torch.Tensor, allowed: set[int] | None = None) -> Acceptance:
+    """logits: [1 + n_nodes, vocab], row 0 = root. Returns the accepted path and emitted tokens.
+    allowed: the nodes that may be accepted (None: all; a backend that verifies chains only
+    passes its main chain)."""
     choice = logits.argmax(dim=-1).tolist()  # target's next token after each row
-    children = tree.children()
+    children = tree.children(allowed)
     node, path, tokens = ROOT, [], []
     while True:
         token = choice[node + 1]
@@ -112,10 +114,10 @@ def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
         node = nxt
 
 
-def _walk(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator, trial) -> Acceptance:
+def _walk(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator, trial, allowed: set[int] | None = None) -> Acceptance:
     """Walk down from the root; at each node try its children in order with
     `trial(child, residual) -> (accepted, residual)`; where all fail, draw from the residual."""
-    children = tree.children()
+    children = tree.children(allowed)
     node, path, tokens = ROOT, [], []
     while True:
         residual = probs[node + 1].clone()  # [vocab]
@@ -134,7 +136,7 @@ def _walk(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator, tria
         node = chosen
 
 
-def accept_deterministic(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
+def accept_deterministic(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator, allowed: set[int] | None = None) -> Acceptance:
     """probs: [1 + n_nodes, vocab] target distributions (row 0 = root). Candidates are point masses."""
 
     def trial(c: int, residual: torch.Tensor):
@@ -144,7 +146,7 @@ def accept_deterministic(tree: DraftTree, probs: torch.Tensor, generator: torch.
         residual[t] = 0.0  # a repeated candidate now has probability 0 and is never accepted
         return False, residual / residual.sum()
 
-    return _walk(tree, probs, generator, trial)
+    return _walk(tree, probs, generator, trial, allowed)
 
 
 def accept_with_draft_probs(
@@ -152,6 +154,7 @@ def accept_with_draft_probs(
     probs: torch.Tensor,  # [1 + n_nodes, vocab] target distributions, row 0 = root
     draft_probs: torch.Tensor,  # [n_nodes, vocab]: row i = the draft distribution node i was drawn from
     generator: torch.Generator,
+    allowed: set[int] | None = None,
 ) -> Acceptance:
     """Recursive rejection sampling; children of a node must be i.i.d. draws from draft_probs."""
 
@@ -164,7 +167,7 @@ def accept_with_draft_probs(
         # total == 0 means residual == q: nothing to correct, the residual stays as it is
         return False, (left / total if total > 0 else residual)
 
-    return _walk(tree, probs, generator, trial)
+    return _walk(tree, probs, generator, trial, allowed)
 
 
 class PositionNoise:
@@ -179,7 +182,7 @@ class PositionNoise:
         return (-torch.log(-torch.log(u))).to(device)
 
 
-def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: PositionNoise, position: int) -> Acceptance:
+def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: PositionNoise, position: int, allowed: set[int] | None = None) -> Acceptance:
     """The deterministic rule with coupled randomness: at the node deciding sequence position t,
     x = argmax(log p + Gumbel noise of t) is an exact sample of p (Gumbel-max); the child holding x
     is accepted, or x is the recovered / bonus token. Child i is then accepted with probability
@@ -189,7 +192,7 @@ def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: Positi
 
     probs: [1 + n_nodes, vocab]; position: the sequence index of the token after the root.
     """
-    children = tree.children()
+    children = tree.children(allowed)
     node, path, tokens = ROOT, [], []
     while True:
         p = probs[node + 1]  # [vocab]
@@ -211,14 +214,15 @@ def accept(
     draft_probs: torch.Tensor | None = None,  # [n_nodes, vocab]
     noise: PositionNoise | None = None,
     position: int = 0,
+    allowed: set[int] | None = None,
 ) -> Acceptance:
     """The rule for this step: greedy; sampling with draft probabilities (recursive rejection);
     sampling of point-mass candidates (Gumbel-coupled, or the residual rule without `noise`)."""
     if cfg.greedy:
-        return greedy_accept(tree, logits)
+        return greedy_accept(tree, logits, allowed)
     probs = target_probs(logits, cfg)
     if draft_probs is not None and len(tree):
-        return accept_with_draft_probs(tree, probs, draft_probs, generator)
+        return accept_with_draft_probs(tree, probs, draft_probs, generator, allowed)
     if noise is not None:
-        return accept_by_position_noise(tree, probs, noise, position)
-    return accept_deterministic(tree, probs, generator)
+        return accept_by_position_noise(tree, probs, noise, position, allowed)
+    return accept_deterministic(tree, probs, generator, allowed)

@@ -59,12 +59,30 @@ class DraftTree:
             d.append(1 if p == ROOT else d[p] + 1)
         return d
 
-    def children(self) -> list[list[int]]:
-        """children()[i + 1] lists the children of node i; children()[0] those of the root."""
+    def children(self, allowed: set[int] | None = None) -> list[list[int]]:
+        """children()[i + 1] lists the children of node i; children()[0] those of the root
+        (with `allowed`, only the nodes in it)."""
         ch: list[list[int]] = [[] for _ in range(len(self) + 1)]
         for i, p in enumerate(self.parents):
-            ch[p + 1].append(i)
+            if allowed is None or i in allowed:
+                ch[p + 1].append(i)
         return ch
+
+    def main_chain(self) -> list[int]:
+        """The first child of the root, its first child, and so on (a drafter's best path: nodes
+        come best first).
+
+        >>> DraftTree([5, 6, 7, 8], [-1, -1, 0, 2]).main_chain()
+        [0, 2, 3]
+        """
+        first: dict[int, int] = {}
+        for i, p in enumerate(self.parents):
+            first.setdefault(p, i)
+        chain, node = [], ROOT
+        while node in first:
+            node = first[node]
+            chain.append(node)
+        return chain
 
     def path_to(self, node: int) -> list[int]:
         """Nodes from the root's child down to `node`, inclusive."""

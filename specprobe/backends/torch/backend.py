@@ -63,6 +63,7 @@ class TorchBackend:
 
     name = "torch"
     supports_hidden_states = True
+    verifies_trees = True
 
     @classmethod
     def of(cls, model) -> "TorchBackend":
