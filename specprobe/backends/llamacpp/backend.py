@@ -311,9 +311,7 @@ class LlamaCppBackend:
             if rows[: len(rows) - len(nodes)] != list(range(len(rows) - len(nodes))) or nodes != open_.chain[: len(nodes)]:
                 raise ValueError("the llamacpp backend keeps a prefix of the pending rows and of the main chain")
             self._drop(open_.branches)
-        elif open_ is not None and past != open_.past:
-            raise ValueError("commit the rows of the last forward(s) from the length before them")
-        elif rows != list(range(len(rows))):
+        elif rows != list(range(len(rows))):  # plain decoding (or none since the last commit): keep a prefix
             raise ValueError("the llamacpp backend keeps a prefix of its rows")
         keep = past + n_kept
         llama().llama_memory_seq_rm(self._memory, cache.seq, keep, -1)
@@ -412,10 +410,9 @@ class LlamaCppBackend:
             if layers is not None and layers < model.n_layer:
                 raise InvalidOptionError("llama.cpp runs whole models: a drafter of its first N layers (draft_layers, truncated:N) needs the torch backend")
             return model.backend
-        from .. import backend_for
+        from ..torch import TorchBackend  # a torch drafter beside a llama.cpp target
 
-        target = backend_for(model)
-        return target.for_model(model, layers) if layers is not None else target
+        return TorchBackend.of(model).for_model(model, layers)
 
     def drafter_state(self) -> dict:
         return self._drafter_state
