@@ -136,7 +136,7 @@ def _tiny_head():
 
 
 def test_the_measurements_a_budget_reads(smollm2_cpp):
-    backend = smollm2_cpp.model.backend
+    backend = specprobe.api.target_of(smollm2_cpp.model)
     assert backend.max_rows() >= 1
     curve = backend.cost_curve()
     assert curve[1] > 0 and curve[64] > curve[1]

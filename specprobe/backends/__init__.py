@@ -19,7 +19,9 @@ def backend_for(model):
     from .llamacpp.model import LlamaCppModel
 
     if isinstance(model, LlamaCppModel):
-        return model.backend
+        from .llamacpp.backend import LlamaCppBackend
+
+        return LlamaCppBackend.of(model)
     if isinstance(model, Backend):
         return model
     from .torch import TorchBackend

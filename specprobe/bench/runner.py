@@ -108,7 +108,7 @@ def _backend_facts(lm) -> dict:
 
         return {"kind": "llamacpp", "file": model.path.name, "threads": model.threads, "context": model.max_length,
                 "flash_attention": model.settings.flash_attention, "extra_bufts": model.settings.extra_bufts,
-                "batch_invariant_build": batch_invariant_build(), "max_rows": model.backend.max_rows()}
+                "batch_invariant_build": batch_invariant_build(), "max_rows": target_of(model).max_rows()}
     return {"kind": "torch", "dtype": str(getattr(model, "dtype", "")), "threads": torch.get_num_threads()}
 
 

@@ -76,11 +76,12 @@ def plot_profiles(profiles: dict, path) -> None:
 def _profile_llamacpp(args, qs) -> int:
     """The llama.cpp backend's cost curve (its parts are llama.cpp's own) and its batch-invariance
     limit; saves the curve `--budget auto` reads."""
+    from ..backends import backend_for
     from ..engine.cost_curve import CURVE_Q, forward_times
     from ..models import load
 
     lm = load(args.model, backend="llamacpp", threads=args.threads)
-    backend = lm.model.backend
+    backend = backend_for(lm.model)
     print(f"specprobe: profiling {args.model} on llama.cpp ({lm.model.threads} threads) ...", file=sys.stderr)
     rows = backend.max_rows()
     times = forward_times(backend, qs, args.context, args.repeats)

@@ -99,6 +99,13 @@ class LlamaCppBackend:
     dtype = torch.float32
     device = torch.device("cpu")
 
+    @classmethod
+    def of(cls, model: LlamaCppModel) -> "LlamaCppBackend":
+        """The backend of `model`, built once and kept by the model."""
+        if model._backend is None:
+            model._backend = cls(model)
+        return model._backend
+
     def __init__(self, model: LlamaCppModel):
         self._model = weakref.ref(model)  # the model owns this backend
         self.path = model.path
@@ -409,7 +416,7 @@ class LlamaCppBackend:
         if isinstance(model, LlamaCppModel):
             if layers is not None and layers < model.n_layer:
                 raise InvalidOptionError("llama.cpp runs whole models: a drafter of its first N layers (draft_layers, truncated:N) needs the torch backend")
-            return model.backend
+            return LlamaCppBackend.of(model)
         from ..torch import TorchBackend  # a torch drafter beside a llama.cpp target
 
         return TorchBackend.of(model).for_model(model, layers)

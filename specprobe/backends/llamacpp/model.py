@@ -84,7 +84,7 @@ class LlamaCppModel:
         self.generation_config = SimpleNamespace(eos_token_id=eog)  # what api.eos_token_ids reads
         self.tuned_key = f"llamacpp-{self.architecture}-{self.n_layer}x{self.hidden_size}-v{self.vocab_size}"
         self._embeddings: torch.Tensor | None = None
-        self._backend = None
+        self._backend = None  # its LlamaCppBackend (backend.py: LlamaCppBackend.of), which owns the batches
 
     def _meta(self, key: str) -> str | None:
         L = llama()
@@ -95,15 +95,6 @@ class LlamaCppModel:
     @property
     def context(self):
         return self._ctx
-
-    @property
-    def backend(self):
-        """The engine's Backend for this model, built once (backend.py)."""
-        if self._backend is None:
-            from .backend import LlamaCppBackend
-
-            self._backend = LlamaCppBackend(self)
-        return self._backend
 
     def embeddings(self) -> torch.Tensor:
         """The input embedding of every token, as llama.cpp feeds it to the first layer: [vocab, hidden]."""
