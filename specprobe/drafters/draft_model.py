@@ -50,7 +50,7 @@ class DraftModelConfig:
             self.draft_model = self.draft_model.model
         if self.draft_model is None:
             raise InvalidOptionError("method 'draft' needs a draft model: pass draft_model=<a loaded causal LM>")
-        if not (hasattr(self.draft_model, "forward") or hasattr(self.draft_model, "backend")):  # a torch module, or a llama.cpp model
+        if not (hasattr(self.draft_model, "forward") or hasattr(self.draft_model, "generation_config")):  # a torch module, or a llama.cpp model
             raise InvalidOptionError(
                 f"draft_model must be a loaded causal LM (e.g. specprobe.load(name).model), got {type(self.draft_model).__name__}"
             )

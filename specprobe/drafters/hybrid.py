@@ -15,7 +15,9 @@ mask probability times ESP's calibration factor, and for pld and pool the accept
 so far in this generation for that source, at that depth and rank of the candidate among the
 source's own (nodes tested = parent accepted). Steps in *copy mode* keep rates of their own: when
 the previous step accepted at least COPY_RUN tokens that a copying source (pld or pool) proposed,
-the text is likely inside a repeated passage, where copied drafts are accepted far more often than
+or the text's last COPY_NGRAM tokens occurred before (evidence that needs no draft: where drafting
+does not pay at copy-free rates, as on a steep cost curve, nothing else would ever test one), the
+text is likely inside a repeated passage, where copied drafts are accepted far more often than
 on average (greedy answers that repeat their context make long runs of such steps). The sources'
 trees are merged into one trie (`merge_scored`): a node proposed by several sources keeps its best
 score. The first n nodes by score form the tree, n chosen by the hardware-aware budget
@@ -37,7 +39,7 @@ from ..engine.protocol import Drafter, Proposal, StepResult
 from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
 from .esp import ESPConfig, ESPDrafter, ranked_tree
-from .ngram import NGramPool, find_continuations
+from .ngram import NGramPool, ends_in_repeat, find_continuations
 
 SOURCES = ("esp", "pld", "pool")
 PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any evidence
@@ -45,6 +47,7 @@ PRIOR_WEIGHT = 2.0
 MAX_DEPTH_BUCKET = 16  # acceptance rates are kept per depth up to this one
 MAX_RANK_BUCKET = 2  # ... and per rank of a source's candidate: 0, 1, 2 and beyond
 COPY_RUN = 2  # accepted copied tokens in a step that put the next step in copy mode
+COPY_NGRAM = 4  # ... as does a text whose last COPY_NGRAM tokens occurred before (it is copying, drafts or not)
 COPY_PRIOR = 0.85  # the acceptance rate assumed in copy mode before any evidence
 ESP_GAIN_PRIOR = 0.3  # tokens per step ESP's mask rows are assumed to add, before any evidence
 GAIN_RATE = 0.1  # weight of the latest step in that running mean
@@ -170,6 +173,7 @@ class HybridDrafter(Drafter):
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config
         root = session.pending[-1]
+        self.copy_mode = self.copy_mode or ends_in_repeat(session.ids, COPY_NGRAM)
         paths = []
         esp_tree, esp_scores = ranked_tree(root, self.esp.depths, c.esp_nodes, c.branching)
         factor = self.auto.calibration.factor if self.auto else 1.0

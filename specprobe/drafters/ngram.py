@@ -82,6 +82,25 @@ def find_continuations(
     return found
 
 
+def ends_in_repeat(ids: list[int], n: int) -> bool:
+    """Whether the text's last n tokens occurred earlier in it (the text is copying itself).
+
+    >>> ends_in_repeat([1, 2, 3, 9, 1, 2, 3], 3), ends_in_repeat([1, 2, 3, 9, 2, 3, 1], 3)
+    (True, False)
+    """
+    if len(ids) <= n:
+        return False
+    suffix, last, total = ids[-n:], ids[-1], len(ids)
+    e = n - 2
+    try:
+        while True:
+            e = ids.index(last, e + 1, total - 1)
+            if e >= n - 1 and ids[e - n + 1 : e + 1] == suffix:
+                return True
+    except ValueError:
+        return False
+
+
 def build_trie(sequences: list[list[int]], budget: int) -> DraftTree:
     """Merge token sequences below the root into a trie of at most `budget` nodes.
 
