@@ -30,6 +30,9 @@ def run_command(args) -> int:
     if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
         make_drafter(args.method, **options)
+    from ..api import prepare
+
+    prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})  # no client waits for one-time work
     served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue)
     import uvicorn
 

@@ -52,6 +52,7 @@ COPY_PRIOR = 0.85  # the acceptance rate assumed in copy mode before any evidenc
 ESP_GAIN_PRIOR = 0.3  # tokens per step ESP's mask rows are assumed to add, before any evidence
 GAIN_RATE = 0.1  # weight of the latest step in that running mean
 EXPLORE_EVERY = 32  # steps without mask rows after which they run once again, to measure ESP anew
+MIN_SCORE = 0.02  # copied nodes whose path score falls below this are not offered
 
 
 @dataclass
@@ -192,8 +193,11 @@ class HybridDrafter(Drafter):
                 score, scores = 1.0, []
                 for d in range(1, len(seq) + 1):
                     score *= self.rates.rate(label, d)
+                    if score < MIN_SCORE:  # a node this unlikely never pays for its row
+                        break
                     scores.append(score)
-                paths.append(ScoredPath(label, seq, scores))
+                if scores:
+                    paths.append(ScoredPath(label, seq[: len(scores)], scores))
         return paths
 
     def propose(self, session) -> Proposal:
@@ -216,7 +220,9 @@ class HybridDrafter(Drafter):
                      "bare": (lambda n: Layout.rows_of(n), 0.0)}
             plan, n = self.auto.choose_plan(scores[: c.max_budget], plans)
             self.steps_bare = 0 if plan == "masks" else self.steps_bare + 1
-            masks = plan == "masks" or self.steps_bare >= EXPLORE_EVERY  # now and then, measure ESP again
+            # now and then measure ESP again: where mask rows could pay at twice the gain assumed at the start
+            worth_a_look = (1 + 2 * ESP_GAIN_PRIOR) * self.auto.cost(1) > self.auto.cost(1 + c.masks)
+            masks = plan == "masks" or (self.steps_bare >= EXPLORE_EVERY and worth_a_look)
             if masks:
                 self.steps_bare = 0
         else:
