@@ -1,20 +1,31 @@
 """`specprobe serve`: an OpenAI-compatible HTTP server on the speculative engine (FastAPI + uvicorn).
 
     POST /v1/chat/completions   POST /v1/completions     (stream or not; max_tokens, temperature,
-                                                           top_p, seed, stop, stream)
+                                                           top_p, top_k, seed, stop, stream)
     GET  /v1/models             GET  /health             GET  /metrics (Prometheus text)
 
 One model in memory serves every client, one generation at a time (the engine's forward uses all
-cores); requests beyond `max_queue` (running + waiting) get 429 with Retry-After. A streaming
-client that disconnects cancels its generation at the next step. Each generation owns its KV cache
-and drops it when it ends. Bad input gets an OpenAI-style error object (400; 404 for an unknown
-model), never a traceback. Responses carry the usual `usage` plus a `specprobe` field with the
-decoding statistics (method, tau, target forwards), which OpenAI clients ignore.
+cores); requests beyond `max_queue` (running + waiting) get 429 with Retry-After. Each generation
+owns its KV cache and drops it when it ends. Responses carry the usual `usage` plus a `specprobe`
+field with the decoding statistics (method, tau, target forwards), which OpenAI clients ignore.
+
+What a client can make the server do is bounded (`Limits`):
+- work: a request's generation stops at its deadline (`request_timeout`, counted from its
+  arrival, queueing included) and when its client disconnects, streaming or not; `max_tokens`
+  above `max_tokens_cap` is refused; a body over `max_body` bytes gets 413 before it is parsed;
+  parsing, the chat template and tokenizing run on a worker thread, never on the event loop.
+- access: with an API key every /v1 request needs `Authorization: Bearer KEY` (401 otherwise);
+  a POST must be `application/json` (415), so a cross-site form post from a browser is refused.
+- input: every bad request is a 400 with OpenAI's error object naming the field, unsupported
+  OpenAI fields included; never a 500 for any input (a 500 would be a bug).
 """
 
+from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import math
 import threading
 import time
 import uuid
@@ -25,6 +36,12 @@ from .errors import SpecProbeError
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TOKENS = 128
+SEED_RANGE = 2**63  # seeds in [0, 2**63): what every generator the engine uses takes
+# OpenAI fields accepted and ignored (they change nothing a client could rely on)
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# OpenAI fields accepted only at the value that means "off"
+NEUTRAL_FIELDS = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False, "best_of": 1, "n": 1, "logit_bias": {}, "suffix": None}
+HONOURED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options"}
 
 
 class RequestError(Exception):
@@ -37,15 +54,28 @@ class Cancelled(Exception):
     """The client went away before its generation started or while it ran."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost the server (see the module docstring)."""
+
+    request_timeout: float = 300.0  # seconds from a request's arrival to the end of its generation
+    max_tokens_cap: int = 2048  # the largest max_tokens accepted
+    max_body: int = 1_000_000  # bytes of a request body
+    api_key: str | None = None  # None: no authentication (the server then binds to loopback only)
+
+
 @dataclass
 class Params:
     prompt_ids: list[int]
     max_tokens: int
     temperature: float
     top_p: float
+    top_k: int
     seed: int | None
     stop: list[str]
     stream: bool
+    include_usage: bool = True  # stream_options.include_usage (specprobe sends usage either way unless told not to)
+    deadline: float = math.inf  # time.monotonic() by which the generation ends
 
 
 @dataclass
@@ -54,17 +84,24 @@ class Metrics:
     errors: int = 0
     rejected: int = 0
     cancelled: int = 0
+    timed_out: int = 0
     tokens: int = 0
     forwards: int = 0
     generation_seconds: float = 0.0
     queued: int = 0  # running + waiting
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
 
     def prometheus(self) -> str:
         tau = self.tokens / self.forwards if self.forwards else 0.0
         tps = self.tokens / self.generation_seconds if self.generation_seconds else 0.0
+        outcomes = [("ok", self.ok), ("error", self.errors), ("rejected", self.rejected), ("cancelled", self.cancelled), ("timed_out", self.timed_out)]
         rows = [
-            ("specprobe_requests_total", "counter", "requests by outcome",
-             [('status="ok"', self.ok), ('status="error"', self.errors), ('status="rejected"', self.rejected), ('status="cancelled"', self.cancelled)]),
+            ("specprobe_requests_total", "counter", "requests by outcome", [(f'status="{s}"', n) for s, n in outcomes]),
             ("specprobe_generated_tokens_total", "counter", "tokens generated", [("", self.tokens)]),
             ("specprobe_target_forwards_total", "counter", "target model forwards", [("", self.forwards)]),
             ("specprobe_tau", "gauge", "generated tokens per target forward, since start", [("", round(tau, 4))]),
@@ -79,8 +116,10 @@ class Metrics:
 
 
 class TextAssembler:
-    """Token ids in, text deltas out: holds back a possible prefix of a stop string and an
-    incomplete character, and reports the first stop string."""
+    """Token ids in, text deltas out: holds back a possible prefix of a stop string and any
+    characters not yet whole (a byte-fallback tokenizer spells one character over up to four byte
+    tokens, which decode to U+FFFD until the last arrives), and reports the first stop string.
+    What it sends is always a prefix of the text the whole reply decodes to."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -99,9 +138,8 @@ class TextAssembler:
             ready = len(text)
         else:
             hold = max((len(s) - 1 for s in self.stop), default=0)
-            ready = len(text) - hold
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                ready = min(ready, len(text) - 1)
+            whole = len(text.rstrip("\ufffd"))  # a character split across tokens: wait for the rest
+            ready = min(len(text) - hold, whole)
         self.text = text
         delta = text[self.sent : max(self.sent, ready)]
         self.sent += len(delta)
@@ -120,32 +158,34 @@ class Served:
     method: str
     options: dict = field(default_factory=dict)
     max_queue: int = 8
+    limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     # every generation runs on this one thread: one at a time, and no per-request thread whose
     # allocations would scatter over new malloc arenas (resident memory would creep up)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="specprobe-generate"))
-    admit_lock: threading.Lock = field(default_factory=threading.Lock)
+    # requests are parsed, templated and tokenized here, off the event loop
+    parser: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="specprobe-parse"))
 
     def admit(self) -> None:
-        with self.admit_lock:
+        with self.metrics.lock:
             if self.metrics.queued >= self.max_queue:
                 self.metrics.rejected += 1
                 raise RequestError(429, f"the server is busy ({self.max_queue} requests running or waiting); retry shortly", code="rate_limit_exceeded")
             self.metrics.queued += 1
 
     def release(self) -> None:
-        with self.admit_lock:
-            self.metrics.queued -= 1
+        self.metrics.add(queued=-1)
 
     def generate(self, p: Params, on_delta, cancel: threading.Event):
         """Runs in a worker thread. Returns (text, finish_reason, stats); raises Cancelled when the
-        client went away. A stop string or a cancel ends the generation through the loop's own
-        stop (the token callback returns True), so the drafter's `finish` runs and the statistics
-        count what was generated."""
+        client went away. A stop string, a cancel or the deadline ends the generation through the
+        loop's own stop (the token callback returns True), so the drafter's `finish` runs and the
+        statistics count what was generated."""
         from .api import generate
 
         assembler = TextAssembler(self.lm.tokenizer, p.stop)
+        ended = {"deadline": False}
 
         def on_tokens(ids: list[int]) -> bool:
             if cancel.is_set():
@@ -153,36 +193,40 @@ class Served:
             delta = assembler.add(ids)
             if delta:
                 on_delta(delta)
+            if time.monotonic() > p.deadline:
+                ended["deadline"] = True
+                return True
             return assembler.stopped
 
         with self.lock:
             if cancel.is_set():
                 raise Cancelled()
+            if time.monotonic() > p.deadline:
+                self.metrics.add(timed_out=1)
+                raise RequestError(408, f"the request waited past its deadline of {self.limits.request_timeout:g} s", code="timeout")
             t0 = time.perf_counter()
             result = generate(
                 self.lm.model, self.lm.tokenizer, p.prompt_ids, method=self.method, max_new_tokens=p.max_tokens,
-                on_tokens=on_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed, **self.options,
+                on_tokens=on_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, **self.options,
             )
             elapsed = time.perf_counter() - t0
         _release_freed_memory()
         if cancel.is_set() and not assembler.stopped:
             raise Cancelled()
         stats = result.stats
-        reason = "stop" if result.stop_reason in ("eos", "stop") else "length"
+        reason = "stop" if result.stop_reason == "eos" or assembler.stopped else "length"
         tail = assembler.rest() if not assembler.stopped else ""
         if tail:
             on_delta(tail)
         n_tokens = len(assembler.ids)
-        with self.admit_lock:
-            self.metrics.tokens += n_tokens
-            self.metrics.forwards += stats.target_forwards
-            self.metrics.generation_seconds += elapsed
+        self.metrics.add(tokens=n_tokens, forwards=stats.target_forwards, generation_seconds=elapsed, timed_out=int(ended["deadline"]))
         info = {
             "method": self.method,
             "completion_tokens": n_tokens,
             "target_forwards": stats.target_forwards,
             "tau": stats.tau,
             "tokens_per_s": n_tokens / elapsed if elapsed > 0 else None,
+            "stopped_at_deadline": ended["deadline"],
         }
         return assembler.text, reason, info
 
@@ -199,47 +243,91 @@ def _release_freed_memory() -> None:
 
 
 # -- request parsing -------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise RequestError(400, f"the body holds {name}, which is not a number JSON allows")
+
+
+def load_json(raw: bytes):
+    """The body as JSON; NaN and Infinity (which Python's json would take) are errors."""
+    try:
+        return json.loads(raw.decode("utf-8") if raw else "null", parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
+
+
 def _number(body: dict, key: str, default, low=None, high=None, integer=False):
     value = body.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise RequestError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(400, f"'{key}' must be a finite number, got {value!r}", key)
     if (low is not None and value < low) or (high is not None and value > high):
         raise RequestError(400, f"'{key}' must be in [{low}, {high}], got {value!r}", key)
     return value
 
 
-def parse_request(body, served: Served, chat: bool) -> Params:
+def _text(value, where: str) -> str:
+    """A string that encodes as UTF-8 (JSON allows lone surrogates such as "\\ud800"; UTF-8 does not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"{where} holds characters that are not valid Unicode (a lone surrogate)", where.split("[")[0]) from None
+    return value
+
+
+def _check_fields(body: dict, chat: bool) -> None:
+    for key, value in body.items():
+        if key in HONOURED or key in IGNORED_FIELDS:
+            continue
+        if key in NEUTRAL_FIELDS and value in (None, NEUTRAL_FIELDS[key]):
+            continue
+        raise RequestError(400, f"unsupported parameter '{key}'" + (f" = {value!r}" if key in NEUTRAL_FIELDS else "") + " (specprobe serve does not implement it)", key, "unsupported_parameter")
+    if ("messages" if not chat else "prompt") in body:
+        raise RequestError(400, f"'{'messages' if not chat else 'prompt'}' belongs to the other endpoint", "messages" if not chat else "prompt")
+
+
+def parse_request(body, served: Served, chat: bool, arrived: float | None = None) -> Params:
     from .models import format_prompt
 
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    _check_fields(body, chat)
     model = body.get("model")
     if model is not None and model != served.name:
         raise RequestError(404, f"the model '{model}' does not exist; this server serves '{served.name}'", "model", "model_not_found")
     tokenizer = served.lm.tokenizer
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError(400, "'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise RequestError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}", "messages")
-            if not isinstance(m.get("content"), str):
-                raise RequestError(400, f"messages[{i}]: 'content' must be a string", "messages")
-        ids = format_prompt(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
-        ids = format_prompt(tokenizer, prompt, chat=False)
+    try:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError(400, "'messages' must be a non-empty list", "messages")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES:
+                    raise RequestError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}", "messages")
+                if not isinstance(m.get("content"), str):
+                    raise RequestError(400, f"messages[{i}]: 'content' must be a string", "messages")
+                _text(m["content"], f"messages[{i}].content")
+            ids = format_prompt(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
+            ids = format_prompt(tokenizer, _text(prompt, "prompt"), chat=False)
+    except (RequestError, SpecProbeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a chat template or tokenizer refusing this input is the input's fault
+        raise RequestError(400, f"cannot format this prompt: {type(e).__name__}: {str(e)[:200]}", "messages" if chat else "prompt") from None
     context = served_context(served)
-    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, None, integer=True)
+    cap = served.limits.max_tokens_cap
+    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, cap, integer=True)
     if body.get("max_completion_tokens") is not None:
-        max_tokens = _number(body, "max_completion_tokens", max_tokens, 1, None, integer=True)
+        max_tokens = _number(body, "max_completion_tokens", max_tokens, 1, cap, integer=True)
     if len(ids) >= context:
         raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context is {context}", "messages" if chat else "prompt", "context_length_exceeded")
     if len(ids) + max_tokens > context:
@@ -251,20 +339,26 @@ def parse_request(body, served: Served, chat: bool) -> Params:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    for s in stop:
+        _text(s, "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "stream")
-    n = body.get("n", 1)
-    if n != 1:
-        raise RequestError(400, "only n = 1 is supported", "n")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", True), bool)):
+        raise RequestError(400, "'stream_options' takes only include_usage (a boolean)", "stream_options")
+    arrived = time.monotonic() if arrived is None else arrived
     return Params(
         ids,
         max_tokens,
         float(_number(body, "temperature", 0.0, 0.0, 2.0)),
         float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
-        _number(body, "seed", None, integer=True),
+        int(_number(body, "top_k", 0, 0, None, integer=True)),
+        _number(body, "seed", None, 0, SEED_RANGE - 1, integer=True),
         stop,
         stream,
+        include_usage=bool((options or {}).get("include_usage", True)),
+        deadline=arrived + served.limits.request_timeout,
     )
 
 
@@ -275,25 +369,62 @@ def served_context(served: Served) -> int:
 
 
 # -- the app ---------------------------------------------------------------------------------------
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(e: RequestError) -> dict:
+    return {"error": {"message": e.message, "type": ERROR_TYPES.get(e.status, "server_error"), "param": e.param, "code": e.code}}
+
+
 def create_app(served: Served):
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="specprobe", version="1")
+    app = FastAPI(title="specprobe", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    limits = served.limits
 
     def error(e: RequestError) -> JSONResponse:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(e.status, "server_error")
-        headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}, e.status, headers=headers)
+        headers = {"Retry-After": "1"} if e.status == 429 else ({"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+        return JSONResponse(error_body(e), e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown paths, wrong methods: OpenAI's error shape too
+        return error(RequestError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return error(RequestError(400, "invalid request"))
 
     @app.exception_handler(Exception)
-    async def any_error(request, exc):  # never a traceback to the client; the server keeps serving
-        served.metrics.errors += 1
+    async def any_error(request, exc):  # a bug: never a traceback to the client; the server keeps serving
+        served.metrics.add(errors=1)
         return error(RequestError(500, f"internal error: {type(exc).__name__}"))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if limits.api_key is not None:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+                    served.metrics.add(errors=1)
+                    return error(RequestError(401, "a valid API key is needed: send Authorization: Bearer <key>", code="invalid_api_key"))
+            if request.method == "POST":
+                kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind != "application/json":
+                    served.metrics.add(errors=1)
+                    return error(RequestError(415, f"the body must be application/json, got {kind or 'no content type'!r}", code="unsupported_media_type"))
+                size = request.headers.get("content-length")
+                if size is not None and (not size.isdigit() or int(size) > limits.max_body):
+                    served.metrics.add(errors=1)
+                    return error(RequestError(413, f"the body is larger than {limits.max_body} bytes", code="request_too_large"))
+        return await call_next(request)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "method": served.method}
+        return {"status": "ok", "model": served.name, "method": served.method, "queued": served.metrics.queued}
 
     @app.get("/v1/models")
     async def models():
@@ -303,43 +434,64 @@ def create_app(served: Served):
     async def metrics():
         return PlainTextResponse(served.metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it grows past the limit (a chunked body has no length)."""
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limits.max_body:
+                raise RequestError(413, f"the body is larger than {limits.max_body} bytes", code="request_too_large")
+            parts.append(part)
+        return b"".join(parts)
+
+    async def until_done_or_gone(future, request: Request, cancel: threading.Event):
+        """Await the generation; a client that disconnects cancels it at its next step."""
+        wrapped = asyncio.wrap_future(future)
+        while True:
+            done, _ = await asyncio.wait({wrapped}, timeout=0.25)
+            if done:
+                return wrapped.result()
+            if await request.is_disconnected():
+                cancel.set()
+
     async def complete(request: Request, chat: bool):
+        arrived = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"malformed JSON: {e}") from None
-            params = parse_request(body, served, chat)
+            raw = await read_body(request)
+            params = await loop.run_in_executor(served.parser, lambda: parse_request(load_json(raw), served, chat, arrived))
             served.admit()
         except RequestError as e:
             if e.status != 429:
-                served.metrics.errors += 1
+                served.metrics.add(errors=1)
             return error(e)
         except SpecProbeError as e:
-            served.metrics.errors += 1
+            served.metrics.add(errors=1)
             return error(RequestError(400, str(e)))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        base = {"id": rid, "created": created, "model": served.name}
+        base = {"id": rid, "created": int(time.time()), "model": served.name}
         cancel = threading.Event()
         usage = lambda info: {"prompt_tokens": len(params.prompt_ids), "completion_tokens": info["completion_tokens"], "total_tokens": len(params.prompt_ids) + info["completion_tokens"]}
 
         if not params.stream:
             try:
-                text, reason, info = await asyncio.wrap_future(served.executor.submit(served.generate, params, lambda d: None, cancel))
+                text, reason, info = await until_done_or_gone(served.executor.submit(served.generate, params, lambda d: None, cancel), request, cancel)
+            except Cancelled:
+                served.metrics.add(cancelled=1)
+                return error(RequestError(499, "the client closed the request"))
+            except RequestError as e:
+                return error(e)
             except SpecProbeError as e:
-                served.metrics.errors += 1
+                served.metrics.add(errors=1)
                 return error(RequestError(400, str(e)))
             finally:
                 served.release()
-            served.metrics.ok += 1
+            served.metrics.add(ok=1)
             choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text, "logprobs": None}
             choice["finish_reason"] = reason
             kind = "chat.completion" if chat else "text_completion"
             return JSONResponse({**base, "object": kind, "choices": [choice], "usage": usage(info), "specprobe": info})
 
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -351,11 +503,14 @@ def create_app(served: Served):
                 result = served.generate(params, on_delta, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
             except Cancelled:
-                served.metrics.cancelled += 1
+                served.metrics.add(cancelled=1)
                 loop.call_soon_threadsafe(queue.put_nowait, ("cancelled", None))
+            except RequestError as e:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", error_body(e)))
             except Exception as e:  # noqa: BLE001 - reported to the client as an error chunk
-                served.metrics.errors += 1
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
+                served.metrics.add(errors=1)
+                status = 400 if isinstance(e, SpecProbeError) else 500
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", error_body(RequestError(status, str(e) if status == 400 else f"internal error: {type(e).__name__}"))))
             finally:
                 served.release()
 
@@ -384,12 +539,13 @@ def create_app(served: Served):
                         yield chunk(value)
                     elif what == "done":
                         _, reason, info = value
-                        served.metrics.ok += 1
-                        yield chunk(None, reason, {"usage": usage(info), "specprobe": info})
+                        served.metrics.add(ok=1)
+                        extra = {"usage": usage(info), "specprobe": info} if params.include_usage else {"specprobe": info}
+                        yield chunk(None, reason, extra)
                         yield "data: [DONE]\n\n"
                         return
                     elif what == "error":
-                        yield "data: " + json.dumps({"error": {"message": value, "type": "invalid_request_error", "param": None, "code": None}}) + "\n\n"
+                        yield "data: " + json.dumps(value) + "\n\n"
                         yield "data: [DONE]\n\n"
                         return
                     else:

@@ -35,6 +35,13 @@ class TextStream:
         self.out.flush()
 
 
+def read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidOptionError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def compare_methods(args: argparse.Namespace) -> list[str] | None:
     """The methods `--compare` runs beside ar (None: no comparison). `--compare` alone compares
     --method; `--compare esp,hybrid` those methods. A value that is not a list of methods is the
@@ -60,7 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
     compared = compare_methods(args)
     if args.prompt is None:
         raise SpecProbeError("give a prompt (or '-' to read standard input)")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise SpecProbeError("the prompt is empty")
     methods = compared or [args.method]

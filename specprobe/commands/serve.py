@@ -1,9 +1,28 @@
-"""`specprobe serve`: the OpenAI-compatible server (server.py) from the command line."""
+"""`specprobe serve`: the OpenAI-compatible server (server.py) from the command line.
+
+Without an API key the server answers on loopback only: `--host` beyond it needs `--api-key`
+(or `SPECPROBE_API_KEY`), or an explicit `--insecure-no-auth`.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import sys
+
 from ..errors import InvalidOptionError
 from .args import method_options
+
+
+def is_loopback(host: str) -> bool:
+    """>>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0"), is_loopback("::1")
+    (True, True, False, True)"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run_command(args) -> int:
@@ -20,6 +39,14 @@ def run_command(args) -> int:
         raise InvalidOptionError("--max-queue must be >= 1")
     if not 0 < args.port < 65536:
         raise InvalidOptionError(f"--port must be in 1..65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("SPECPROBE_API_KEY") or None
+    if api_key is None and not is_loopback(args.host) and not args.insecure_no_auth:
+        raise InvalidOptionError(f"--host {args.host} serves the network: give --api-key KEY (or SPECPROBE_API_KEY), or --insecure-no-auth to serve it without one")
+    if args.request_timeout <= 0 or args.max_tokens_cap < 1 or args.max_body < 1024:
+        raise InvalidOptionError("--request-timeout must be > 0, --max-tokens-cap >= 1 and --max-body >= 1024")
+    from ..server import Limits
+
+    limits = Limits(args.request_timeout, args.max_tokens_cap, args.max_body, api_key)
     options = method_options(args, args.method)
     if args.method in DRAFT_MODEL_METHODS:
         if not args.draft_model:
@@ -33,10 +60,14 @@ def run_command(args) -> int:
     from ..api import prepare
 
     prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})  # no client waits for one-time work
-    served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue)
+    served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue, limits)
     import uvicorn
 
-    print(f"specprobe serve: {served.name} ({args.method}) on http://{args.host}:{args.port}/v1", flush=True)
+    access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
+        "no API key: loopback only" if is_loopback(args.host) else "no API key, open to the network (--insecure-no-auth)")
+    print(f"specprobe serve: {served.name} ({args.method}) on http://{args.host}:{args.port}/v1; {access}", flush=True)
+    if api_key is None and not is_loopback(args.host):
+        print("specprobe serve: WARNING: anyone who can reach this port can generate", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -53,5 +84,10 @@ def add_parser(sub, add_model_args, add_method_args) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 429 (default 8)")
     p.add_argument("--served-name", help="the model name clients use (default: --model)")
+    p.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: $SPECPROBE_API_KEY; none: loopback only)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take, queueing included (default 300)")
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="the largest max_tokens a request may ask for (default 2048)")
+    p.add_argument("--max-body", type=int, default=1_000_000, help="bytes a request body may hold (default 1000000)")
     add_method_args(p)
     p.set_defaults(func=run_command)

@@ -154,6 +154,8 @@ class ESPDrafter(Drafter):
         return None
 
     def start(self, session) -> None:
+        if self.config.branching + 1 > session.target.vocab_size:
+            raise InvalidOptionError(f"ESP option branching ({self.config.branching}) must be below the vocabulary size ({session.target.vocab_size})")
         self.depths: list[DepthCandidates] = []
         if self.config.budget == "auto":
             self.auto = AutoBudget(session.target)
