@@ -20,7 +20,6 @@ What a client can make the server do is bounded (`Limits`):
   OpenAI fields included; never a 500 for any input (a 500 would be a bug).
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -325,7 +324,7 @@ def parse_request(body, served: Served, chat: bool, arrived: float | None = None
         raise RequestError(400, f"cannot format this prompt: {type(e).__name__}: {str(e)[:200]}", "messages" if chat else "prompt") from None
     context = served_context(served)
     cap = served.limits.max_tokens_cap
-    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, cap, integer=True)
+    max_tokens = _number(body, "max_tokens", min(DEFAULT_MAX_TOKENS, cap), 1, cap, integer=True)
     if body.get("max_completion_tokens") is not None:
         max_tokens = _number(body, "max_completion_tokens", max_tokens, 1, cap, integer=True)
     if len(ids) >= context:
@@ -403,24 +402,41 @@ def create_app(served: Served):
         served.metrics.add(errors=1)
         return error(RequestError(500, f"internal error: {type(exc).__name__}"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if limits.api_key is not None:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+    def refusal(method: str, path: str, headers: dict[str, str]) -> RequestError | None:
+        """Why a /v1 request is refused before its body is read (None: it may go on)."""
+        if not path.startswith("/v1/"):
+            return None
+        if limits.api_key is not None:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+                return RequestError(401, "a valid API key is needed: send Authorization: Bearer <key>", code="invalid_api_key")
+        if method == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return RequestError(415, f"the body must be application/json, got {kind or 'no content type'!r}", code="unsupported_media_type")
+            size = headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > limits.max_body):
+                return RequestError(413, f"the body is larger than {limits.max_body} bytes", code="request_too_large")
+        return None
+
+    class Guard:
+        """Access control as plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide a
+        client's disconnect from the endpoint, which must see it to stop the generation)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                refused = refusal(scope["method"], scope["path"], headers)
+                if refused is not None:
                     served.metrics.add(errors=1)
-                    return error(RequestError(401, "a valid API key is needed: send Authorization: Bearer <key>", code="invalid_api_key"))
-            if request.method == "POST":
-                kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                if kind != "application/json":
-                    served.metrics.add(errors=1)
-                    return error(RequestError(415, f"the body must be application/json, got {kind or 'no content type'!r}", code="unsupported_media_type"))
-                size = request.headers.get("content-length")
-                if size is not None and (not size.isdigit() or int(size) > limits.max_body):
-                    served.metrics.add(errors=1)
-                    return error(RequestError(413, f"the body is larger than {limits.max_body} bytes", code="request_too_large"))
-        return await call_next(request)
+                    await error(refused)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     @app.get("/health")
     async def health():

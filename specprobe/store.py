@@ -53,3 +53,23 @@ def atomic_write(path: str | Path, data: bytes | str, lock: bool = True) -> None
             write()
     else:
         write()
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """`torch.save` through `atomic_write`."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def save_figure(fig, path: str | Path, **options) -> None:
+    """A matplotlib figure saved as PNG through `atomic_write`."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **options)
+    atomic_write(path, buffer.getvalue())

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BenchError
+from ..store import locked
 
 SETTINGS_FILE = "settings.json"
 OVERALL = "overall"  # the summary's key for all categories together
@@ -167,7 +168,9 @@ def cut_incomplete_tail(path: Path) -> None:
 
 
 def append_record(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    """One line appended and flushed to disk under the file's lock; a line cut short by a crash is
+    dropped by `cut_incomplete_tail` on --resume."""
+    with locked(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..store import save_figure
 from .answers import OVERALL
 
 TRIVIAL = ("ar", "hf")  # one token per forward by construction: nothing to show in a histogram
@@ -64,7 +65,7 @@ def speedup_plot(summary: dict, path: Path) -> None:
         ax.set_ylabel("speedup over ar (mean tokens/s ratio)")
         ax.legend(ncols=min(len(methods), 6), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.suptitle(f"Spec-Bench speedup: {summary['model']}", fontsize=11)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def accept_length_plot(summary: dict, path: Path) -> None:
@@ -85,7 +86,7 @@ def accept_length_plot(summary: dict, path: Path) -> None:
         ax.set_ylabel("share of target forwards")
         ax.legend(frameon=False)
     fig.suptitle(f"Accepted lengths per step: {summary['model']} (ar/hf: always 1)", fontsize=11)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def rolling_mean(values: list[float], window: int) -> list[float]:
@@ -119,7 +120,7 @@ def acceptance_stream_plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
     fig.suptitle(f"Acceptance over the run: {summary['model']}", fontsize=11)
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def write_plots(summary: dict, out_dir) -> None:

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BenchError
+from ..store import atomic_write
 from .answers import OVERALL, SETTINGS_FILE, read_answers, turn_accept_lengths
 
 DISTURBED = 1.5  # ar's time per forward this far off the run's median flags a question
@@ -95,15 +96,24 @@ def disturbed_questions(ar_records: list[dict]) -> list[dict]:
     ]
 
 
-def identical_reference(method: str, methods) -> str:
-    """The method whose tokens `method` must equal: `ar@llamacpp` for `hybrid@llamacpp` (when it
-    ran), else `ar`.
+def identical_reference(method: str, methods, default_backend: str = "torch") -> str | None:
+    """The method whose tokens `method` must equal: the `ar` of the backend it ran on (`ar` for the
+    run's own backend, `ar@B` for another), or None when that `ar` did not run.
 
     >>> identical_reference("hybrid@llamacpp", ["ar", "ar@llamacpp"]), identical_reference("pld", ["ar"])
     ('ar@llamacpp', 'ar')
+    >>> identical_reference("hybrid@torch", ["ar"], "llamacpp"), identical_reference("llamacpp", ["ar"], "llamacpp")
+    (None, 'ar')
     """
-    _, _, backend = method.partition("@")
-    return f"ar@{backend}" if backend and f"ar@{backend}" in methods else "ar"
+    if method in ("llamacpp", "llamacpp-lookup"):  # llama-cpp-python's own rows
+        backend = "llamacpp"
+    elif method.startswith("hf"):  # transformers' own rows
+        backend = "torch"
+    else:
+        backend = method.partition("@")[2] or default_backend
+    if backend == default_backend:
+        return "ar"
+    return f"ar@{backend}" if f"ar@{backend}" in methods else None
 
 
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
@@ -123,7 +133,8 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
     histogram: dict[str, dict[int, int]] = {}
     for m in order:
         recs = [by_method[m][q] for q in qids]
-        own = by_method.get(identical_reference(m, by_method), ar)  # a method on another backend is compared with that backend's ar
+        reference = identical_reference(m, by_method, (settings or {}).get("backend", "torch"))
+        own = by_method.get(reference) if reference else None  # a method on another backend is compared with that backend's ar
         cells[m] = {OVERALL: cell(recs, own)}
         for c in categories:
             cells[m][c] = cell([r for r in recs if r["category"] == c], own)
@@ -194,6 +205,7 @@ def to_markdown(summary: dict) -> str:
     adapting = {m: c[OVERALL]["adapt_share"] for m, c in cells.items() if c[OVERALL].get("adapt_share")}
     if adapting:
         lines.append("- time spent adapting the drafter between requests (online distillation, inside the wall time): " + ", ".join(f"{m} {_fmt(v, 'pct')}" for m, v in adapting.items()) + ".")
+    lines.append("- identical to ar: compared with the `ar` of the backend the method ran on (`ar@B` for a method `M@B` on another backend than the run's; – where that `ar` did not run).")
     if "ar" not in cells:
         lines.append("- ar was not run: no speedup and no identical_to_ar.")
     if "hf" in cells:
@@ -231,7 +243,7 @@ def write_summary(out_dir) -> dict:
     if not records:
         raise BenchError(f"no answer files in {out}")
     summary = summarize(records, settings.get("methods"), settings)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(to_markdown(summary))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "summary.md", to_markdown(summary))
     write_plots(summary, out)
     return summary

@@ -31,6 +31,7 @@ from ..drafters import DRAFT_MODEL_METHODS, METHODS
 from ..engine.budget import CostCurve
 from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
+from ..store import atomic_write
 from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, median_turn, read_answer_file
 from .progress import make_progress
 
@@ -303,7 +304,7 @@ def run_bench(
     record_settings = _prepare_dir(out, record_settings, resume)
     done = _done_pairs(out, lm.name, methods) if resume and out.is_dir() else set()
     out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS_FILE).write_text(json.dumps(record_settings, indent=2) + "\n")
+    atomic_write(out / SETTINGS_FILE, json.dumps(record_settings, indent=2) + "\n")
 
     todo = [(q, [m for m in methods if (m, q["question_id"]) not in done]) for q in questions]
     todo = [(q, ms) for q, ms in todo if ms]

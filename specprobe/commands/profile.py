@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidOptionError
+from ..store import atomic_write, save_figure
 
 
 def run_command(args) -> int:
@@ -46,8 +47,8 @@ def run_command(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps({m: p.to_dict() for m, p in profiles.items()}, indent=1))
-        (out / "profile.md").write_text("\n\n".join(f"## {m} kernels\n\n{p.to_markdown()}" for m, p in profiles.items()) + "\n")
+        atomic_write(out / "profile.json", json.dumps({m: p.to_dict() for m, p in profiles.items()}, indent=1))
+        atomic_write(out / "profile.md", "\n\n".join(f"## {m} kernels\n\n{p.to_markdown()}" for m, p in profiles.items()) + "\n")
         plot_profiles(profiles, out / "cost_curve.png")
         print(f"specprobe: wrote {out / 'profile.md'}, profile.json, cost_curve.png", file=sys.stderr)
     return 0
@@ -70,7 +71,7 @@ def plot_profiles(profiles: dict, path) -> None:
     ax.set_title(f"{first.model}: cost of one verification forward ({first.context}-token cache)")
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def _profile_llamacpp(args, qs) -> int:
@@ -93,8 +94,8 @@ def _profile_llamacpp(args, qs) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.md").write_text("\n".join(lines) + "\n")
-        (out / "profile.json").write_text(json.dumps({"llamacpp": {"seconds": times, "max_rows": rows}}, indent=1))
+        atomic_write(out / "profile.md", "\n".join(lines) + "\n")
+        atomic_write(out / "profile.json", json.dumps({"llamacpp": {"seconds": times, "max_rows": rows}}, indent=1))
         print(f"specprobe: wrote {out / 'profile.md'}, profile.json", file=sys.stderr)
     return 0
 

@@ -158,7 +158,7 @@ class ESPDrafter(Drafter):
             raise InvalidOptionError(f"ESP option branching ({self.config.branching}) must be below the vocabulary size ({session.target.vocab_size})")
         self.depths: list[DepthCandidates] = []
         if self.config.budget == "auto":
-            self.auto = AutoBudget(session.target)
+            self.auto = AutoBudget(session.target, kind=self.name)
         prompt = session.target.embed(session.ids).float()  # [prompt_len, hidden]
         self.sum = prompt.sum(0)
         self.count = prompt.shape[0]

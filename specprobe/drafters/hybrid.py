@@ -13,7 +13,8 @@ and scores every node with an estimate of the probability that the target accept
 the product, along the path, of the node's conditional acceptance estimate, which is for ESP its
 mask probability times ESP's calibration factor, and for pld and pool the acceptance rate measured
 so far in this generation for that source, at that depth and rank of the candidate among the
-source's own (nodes tested = parent accepted). Steps in *copy mode* keep rates of their own: when
+source's own (nodes tested = parent accepted; a first-ranked candidate the budget left out is
+scored for free against the token the target then chose). Steps in *copy mode* keep rates of their own: when
 the previous step accepted at least COPY_RUN tokens that a copying source (pld or pool) proposed,
 or the text's last COPY_NGRAM tokens occurred before (evidence that needs no draft: where drafting
 does not pay at copy-free rates, as on a steep cost curve, nothing else would ever test one), the
@@ -165,11 +166,12 @@ class HybridDrafter(Drafter):
         self.pool.add_text(session.ids)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
         self.rates = SourceRates()
-        self.auto = AutoBudget(session.target) if c.budget == "auto" else None
+        self.auto = AutoBudget(session.target, kind=self.name) if c.budget == "auto" else None
         self.esp_depths_before = []
         self.copy_mode = False
         self.esp_gain = ESP_GAIN_PRIOR  # tokens ESP's candidates add per step beyond the copying sources (running mean)
         self.steps_bare = 0
+        self.first_candidates: list[tuple[str, int]] = []
 
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config
@@ -198,11 +200,14 @@ class HybridDrafter(Drafter):
                     scores.append(score)
                 if scores:
                     paths.append(ScoredPath(label, seq[: len(scores)], scores))
+                if seq:
+                    self.first_candidates.append((label, seq[0]))
         return paths
 
     def propose(self, session) -> Proposal:
         c = self.config
         self.esp_depths_before = self.esp.depths
+        self.first_candidates = []  # (label, first token) of every copied candidate, offered or not
         tree, scores, sources = merge_scored(self._paths(session))
         if not getattr(session.target, "verifies_trees", True):  # a chains-only backend: the best path of the trie
             chain = tree.main_chain()
@@ -238,6 +243,7 @@ class HybridDrafter(Drafter):
         c = self.config
         tree = step.proposal.tree
         path = step.acceptance.path
+        tested_first = set()  # labels whose depth-1 node the target tested
         if len(tree):
             on_path = set(path)
             depths = tree.depths()
@@ -246,11 +252,22 @@ class HybridDrafter(Drafter):
                 for source in self.sources[i]:
                     if source != "esp":
                         self.rates.update(source, depths[i], i in on_path)
+                        if depths[i] == 1:
+                            tested_first.add(source)
                 if self.auto is not None and "esp" in self.sources[i]:  # ESP's calibration: raw probability vs outcome
                     esp_pred += self._esp_conditional(tree.tokens[i], depths[i])
                     esp_acc += i in on_path
             if self.auto is not None:
                 self.auto.calibration.update(esp_pred, esp_acc)
+        # candidates the budget left out are measured for free against the token the target chose
+        # (accepting a point-mass candidate c has probability p(c), which is also the chance that
+        # the target's own token is c): on a steep cost curve this is the only evidence there is
+        chosen = step.acceptance.tokens[0]
+        for label, token in self.first_candidates:
+            if label not in tested_first:
+                self.rates.update(label, 1, token == chosen)
+                tested_first.add(label)
+        self.first_candidates = []
         copied = sum(1 for i in path if any(src != "esp" for src in self.sources[i])) if len(tree) else 0
         self.copy_mode = copied >= COPY_RUN
         if self.esp_depths_before:  # ESP had candidates this step: what they added that no copy did

@@ -16,6 +16,7 @@ nodes seen so far in this generation.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -141,20 +142,72 @@ def parse_budget(value) -> int | str:
     return n
 
 
-class AutoBudget:
-    """Per generation: the target's cost curve, the drafter's calibration, and the step overhead.
+class StepCosts:
+    """Seconds per engine step of q rows: the measured cost curve, corrected by the steps this
+    process has timed.
 
-    The cost curve times the forward alone, over a 300-token cache. A real step also pays for the
-    drafter, the acceptance, the cache update and attention over a longer context: `choose` times
-    the interval between successive calls and keeps a running estimate of what it adds beyond
-    T(q) (`overhead`), which it adds to every size's cost.
+    The curve is measured once, over one context length, in a pattern unlike decoding's (q values
+    interleaved), and maybe while the machine was busy; a step also pays for drafting and
+    acceptance. So each timed step of q rows updates a running ratio observed / curve(q), and
+    T(q) is curve(q) times the ratio of the nearest q timed so far (on a log scale), or the curve
+    alone before any step was timed. Kept with the target's model across requests
+    (`Backend.drafter_state`), one per drafter kind, whose per-step costs differ.
+
+    >>> costs = StepCosts(CostCurve([1, 2, 4], [1.0, 1.5, 2.0]))
+    >>> costs(2)
+    1.5
+    >>> for _ in range(20):
+    ...     costs.observe(1, 0.8)
+    ...     costs.observe(2, 1.6)
+    >>> round(costs(1), 2), round(costs(2), 2), round(costs(4), 2)   # 4 rows: scaled as 2 rows were
+    (0.8, 1.6, 2.13)
     """
 
-    def __init__(self, target, prior: float = 1.0):
-        """target: the Backend whose measured cost curve prices each tree."""
-        self.cost = CostCurve.from_dict(target.cost_curve())
+    RATE = 0.2  # weight of the latest step in the running ratio
+    OUTLIER = 4.0  # a step this many times its expected time is a pause of the machine, not a cost
+
+    def __init__(self, curve: CostCurve, source: dict | None = None):
+        self.curve = curve
+        self.source = source  # the backend's curve it was made from (a new one replaces it)
+        self.ratio: dict[int, float] = {}
+
+    def __call__(self, q: int) -> float:
+        if not self.ratio:
+            return self.curve(q)
+        nearest = min(self.ratio, key=lambda r: (abs(math.log(r / q)), r))
+        return self.curve(q) * self.ratio[nearest]
+
+    def observe(self, q: int, seconds: float) -> None:
+        expected = self(q)
+        if seconds > self.OUTLIER * expected:
+            return
+        r = seconds / self.curve(q)
+        self.ratio[q] = r if q not in self.ratio else (1 - self.RATE) * self.ratio[q] + self.RATE * r
+
+
+def step_costs(target, kind: str) -> StepCosts:
+    """The StepCosts of drafter `kind` on `target`, kept with its model (new when its curve changed)."""
+    curve = target.cost_curve()
+    state = target.drafter_state()
+    costs = state.get(("step-costs", kind))
+    if costs is None or costs.source is not curve:
+        costs = state[("step-costs", kind)] = StepCosts(CostCurve.from_dict(curve), curve)
+    return costs
+
+
+class AutoBudget:
+    """Per generation: the step costs (the target's cost curve, corrected by timed steps) and the
+    drafter's calibration.
+
+    `choose` times the interval between successive calls, i.e. one whole engine step of the rows
+    chosen last (forward, acceptance, drafting), and feeds it to the step costs.
+    """
+
+    def __init__(self, target, prior: float = 1.0, kind: str = "default"):
+        """target: the Backend whose measured cost curve prices each tree; kind: the drafter's
+        name, under which the corrected step costs are kept across requests."""
+        self.cost = step_costs(target, kind)
         self.calibration = Calibration(prior)
-        self.overhead = 0.0  # seconds per step beyond T(q)
         self._last: tuple[float, int] | None = None  # (time of the last choice, its rows)
         self._calls = 0
 
@@ -163,25 +216,24 @@ class AutoBudget:
         c = self.calibration.factor
         return [min(1.0, s * c**d) for s, d in zip(scores, depths)]
 
-    def choose(self, scores: list[float], rows: Callable[[int], int]) -> int:
-        """The number of (already calibrated) best-first nodes to verify this step."""
+    def _time_last_step(self) -> float:
         now = time.perf_counter()
         self._calls += 1
         if self._last is not None and self._calls > 2:  # the 1st interval holds the prompt's prefill
-            residual = now - self._last[0] - self.cost(self._last[1])
-            self.overhead = max(0.0, 0.8 * self.overhead + 0.2 * residual)
-        n = best_size(scores, rows, lambda q: self.cost(q) + self.overhead)
+            self.cost.observe(self._last[1], now - self._last[0])
+        return now
+
+    def choose(self, scores: list[float], rows: Callable[[int], int]) -> int:
+        """The number of (already calibrated) best-first nodes to verify this step."""
+        now = self._time_last_step()
+        n = best_size(scores, rows, self.cost)
         self._last = (now, rows(n))
         return n
 
     def choose_plan(self, scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]]) -> tuple[str, int]:
         """`choose` over several plans (best_plan): the plan and the number of nodes."""
-        now = time.perf_counter()
-        self._calls += 1
-        if self._last is not None and self._calls > 2:
-            residual = now - self._last[0] - self.cost(self._last[1])
-            self.overhead = max(0.0, 0.8 * self.overhead + 0.2 * residual)
-        name, n = best_plan(scores, plans, lambda q: self.cost(q) + self.overhead)
+        now = self._time_last_step()
+        name, n = best_plan(scores, plans, self.cost)
         self._last = (now, plans[name][0](n))
         return name, n
 

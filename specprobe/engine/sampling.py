@@ -35,6 +35,7 @@ All randomness comes from the `torch.Generator` passed in: same seed, same machi
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,18 +79,46 @@ class SamplingConfig:
 
 def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """logits [rows, vocab] -> probabilities [rows, vocab] after temperature, top-k and top-p."""
-    scores = logits.float() / cfg.temperature
-    if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1:]  # [rows, 1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if _fault == "warp-order":  # deliberately wrong (tests only): the cuts before the temperature
+        return _cut(logits.float(), cfg).div(cfg.temperature).softmax(dim=-1)
+    return _cut(logits.float() / cfg.temperature, cfg).softmax(dim=-1)
+
+
+def _cut(scores: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """scores [rows, vocab] with every token outside the top-k, then outside the top-p nucleus, at
+    -inf (ties at the k-th score kept, as transformers' TopKLogitsWarper keeps them). With a top-k,
+    the nucleus is found among the k survivors only (no sort of the whole vocabulary)."""
+    vocab = scores.shape[-1]
+    top_k = cfg.top_k if cfg.top_k and cfg.top_k < vocab else 0
+    if not top_k and cfg.top_p >= 1.0:
+        return scores
+    if top_k:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]  # [rows, 1]
+        survivors = int((scores >= kth).sum(dim=-1).max())  # k, or more where scores tie at the k-th
+        values, index = torch.topk(scores, survivors, dim=-1)  # [rows, survivors], descending
+        values = values.masked_fill(values < kth, float("-inf"))
+    else:
+        values, index = torch.sort(scores, dim=-1, descending=True)  # [rows, vocab]
     if cfg.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= 1 - cfg.top_p  # the low tail whose mass is at most 1 - top_p
-        drop_sorted[..., -1:] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores.softmax(dim=-1)
+        ascending = values.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - cfg.top_p  # the low tail whose mass is at most 1 - top_p
+        drop[..., -1:] = False  # always keep the most likely token
+        values = ascending.masked_fill(drop, float("-inf")).flip(-1)
+    return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+
+
+class RowProbs:
+    """`target_probs` of one row at a time, computed when a rule first reads the row: the
+    coupled rule visits the root and the accepted path only, not every row of a tree."""
+
+    def __init__(self, logits: torch.Tensor, cfg: SamplingConfig):  # logits [rows, vocab]
+        self.logits, self.cfg, self.rows = logits, cfg, {}
+
+    def __getitem__(self, row: int) -> torch.Tensor:  # -> [vocab]
+        if row not in self.rows:
+            self.rows[row] = target_probs(self.logits[row : row + 1], self.cfg)[0]
+        return self.rows[row]
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:  # probs [vocab]
@@ -177,7 +206,7 @@ class PositionNoise:
     """Gumbel noise for each position of the sequence, a function of (seed, position) alone."""
 
     def __init__(self, seed: int):
-        self.seed = int(seed)
+        self.seed = 0 if _fault == "reused-noise" else int(seed)  # deliberately wrong (tests only): one noise for every seed
 
     def __call__(self, position: int, vocab: int, device="cpu") -> torch.Tensor:  # -> [vocab]
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63 - 1))
@@ -185,7 +214,7 @@ class PositionNoise:
         return (-torch.log(-torch.log(u))).to(device)
 
 
-def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: PositionNoise, position: int, allowed: set[int] | None = None) -> Acceptance:
+def accept_by_position_noise(tree: DraftTree, probs, noise: PositionNoise, position: int, allowed: set[int] | None = None) -> Acceptance:
     """The deterministic rule with coupled randomness: at the node deciding sequence position t,
     x = argmax(log p + Gumbel noise of t) is an exact sample of p (Gumbel-max); the child holding x
     is accepted, or x is the recovered / bonus token. Child i is then accepted with probability
@@ -193,13 +222,15 @@ def accept_by_position_noise(tree: DraftTree, probs: torch.Tensor, noise: Positi
     `accept_deterministic`: the same distribution of outcomes. Because x depends only on the seed,
     the position and p, a seed gives the same text whatever the drafter proposed.
 
-    probs: [1 + n_nodes, vocab]; position: the sequence index of the token after the root.
+    probs: [1 + n_nodes, vocab] (a tensor, or a `RowProbs` that warps the rows it is asked for);
+    position: the sequence index of the token after the root.
     """
     children = tree.children(allowed)
     node, path, tokens = ROOT, [], []
     while True:
         p = probs[node + 1]  # [vocab]
-        x = int((p.log() + noise(position + len(path), p.shape[-1], p.device)).argmax())
+        t = len(path) if _fault == "noise-by-row" else position + len(path)  # the fault: keyed by depth in the step
+        x = int((p.log() + noise(t, p.shape[-1], p.device)).argmax())
         tokens.append(x)
         kids = children[node + 1]
         nxt = next((c for c in kids if tree.tokens[c] == x), None)
@@ -223,9 +254,31 @@ def accept(
     sampling of point-mass candidates (Gumbel-coupled, or the residual rule without `noise`)."""
     if cfg.greedy:
         return greedy_accept(tree, logits, allowed)
-    probs = target_probs(logits, cfg)
     if draft_probs is not None and len(tree):
-        return accept_with_draft_probs(tree, probs, draft_probs, generator, allowed)
+        return accept_with_draft_probs(tree, target_probs(logits, cfg), draft_probs, generator, allowed)
     if noise is not None:
-        return accept_by_position_noise(tree, probs, noise, position, allowed)
-    return accept_deterministic(tree, probs, generator, allowed)
+        return accept_by_position_noise(tree, RowProbs(logits, cfg), noise, position, allowed)
+    return accept_deterministic(tree, target_probs(logits, cfg), generator, allowed)
+
+
+# -- for tests only ---------------------------------------------------------------------------
+# Deliberately wrong variants of the sampling path that runs in production, which the end-to-end
+# distribution tests (tests/test_sampling_e2e.py) must reject: they show those tests can fail.
+#   noise-by-row   the coupled noise keyed by the node's depth within a step, not its position
+#   warp-order     top-k and top-p cut before the temperature is applied
+#   reused-noise   one noise sequence for every seed (as a generator reused across requests)
+FAULTS = ("noise-by-row", "warp-order", "reused-noise")
+_fault: str | None = None
+
+
+@contextmanager
+def injected_fault(name: str):
+    """Run the block with the sampling fault `name` (one of FAULTS). Tests only."""
+    global _fault
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; one of {FAULTS}")
+    _fault = name
+    try:
+        yield
+    finally:
+        _fault = None

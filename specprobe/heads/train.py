@@ -36,6 +36,7 @@ import torch
 from ..backends.torch import TorchBackend
 from ..backends.torch.kernels import LMHead
 from ..errors import InvalidOptionError
+from ..store import atomic_write, save_figure, save_torch
 from .draft_head import DraftHead, HeadConfig
 
 TOP_K = 8  # target probabilities kept per position
@@ -304,7 +305,7 @@ def load_examples(lm, opts: TrainOptions, out: Path, layers) -> list[Example]:
     with _progress(len(chats), "target features") as bar:
         task = bar.add_task("features", total=len(chats))
         examples = compute_examples(lm, chats, layers, opts.max_len, lambda: bar.advance(task))
-    torch.save({"key": key, "examples": examples}, cache)
+    save_torch({"key": key, "examples": examples}, cache)
     return examples
 
 
@@ -368,7 +369,7 @@ def train(lm, opts: TrainOptions, out: str | Path, resume: bool = False) -> Draf
             if (step + 1) % opts.checkpoint_every == 0 or step + 1 == total:
                 history["validation"].append([step + 1, *evaluate(head, lm, held_out, opts, rng)])
                 history["seconds"] = time.perf_counter() - t0
-                torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                save_torch({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "history": history, "done": step + 1, "rng": rng.getstate()}, ckpt)
     head.eval()
     history["seconds"] = time.perf_counter() - t0
@@ -377,7 +378,7 @@ def train(lm, opts: TrainOptions, out: str | Path, resume: bool = False) -> Draf
         "epochs": opts.epochs, "train_seconds": round(history["seconds"], 1), "contemplate": opts.contemplate, "init": opts.init,
     }
     head.save(out)
-    (out / "training.json").write_text(json.dumps({"options": opts.__dict__, **history}, indent=1))
+    atomic_write(out / "training.json", json.dumps({"options": opts.__dict__, **history}, indent=1))
     plot_training(history, out / "training.png", opts.unroll)
     return head
 
@@ -419,5 +420,5 @@ def plot_training(history: dict, path: Path, unroll: int) -> None:
     b.set(xlabel="training step", ylabel="top-1 agreement with the target", title="held-out agreement (acceptance proxy)")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -113,7 +113,7 @@ class _State:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-            raise InvalidOptionError(f"cannot read the adapt state {path}: {e}") from None
+            raise InvalidOptionError(f"cannot read the adapt state {path}: not a file torch.load reads ({type(e).__name__}); remove it or give another --adapt-state") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise InvalidOptionError(f"{path} is not a specprobe omnidraft adapt state (version {STATE_VERSION})")
         if state["meta"] != meta:

@@ -1,0 +1,167 @@
+"""Lossless sampling end to end: the tokens `decode` samples, method by method, against the target.
+
+For each method and two sampling settings, the first three generated tokens of SmolLM2 over
+SEEDS seeds form an empirical joint distribution; the target's own joint distribution is computed
+exactly from its logits (a plain transformers forward, transformers' own warpers: nothing of
+specprobe's sampling code), and a chi-square test compares the two (p > 0.01). The prompt is one
+whose drafts are accepted often, asserted per method, so the accepted and recovered paths of the
+rule are both exercised. The path under test is the one `generate` runs: the decoding loop, the
+method's drafter, the Gumbel-coupled acceptance with its per-position noise, the warping. Only the
+target's forwards are replayed from a table once run (tests/replay_backend.py), which is what
+makes thousands of generations affordable.
+
+Negative controls: the same test, with deliberately wrong variants of that path switched on
+through `sampling.injected_fault`, must reject at p < 1e-6; otherwise the test could not fail.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+from replay_backend import ReplayBackend
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import specprobe
+from specprobe.api import eos_token_ids
+from specprobe.backends.torch import TorchBackend
+from specprobe.drafters import make_drafter
+from specprobe.engine.decode import decode
+from specprobe.engine.sampling import FAULTS, SamplingConfig, injected_fault
+from specprobe.models import format_prompt
+
+SEEDS = 4000
+NEW_TOKENS = 3
+ALPHA = 0.01  # a correct path passes at p > ALPHA
+REJECT = 1e-6  # a broken path fails at p < REJECT
+MIN_EXPECTED = 5.0  # outcomes expected fewer times are pooled into one bin
+PROMPT = "Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes."
+SETTINGS = {"t1.0": SamplingConfig(temperature=1.0), "t0.7-p0.9-k50": SamplingConfig(temperature=0.7, top_p=0.9, top_k=50)}
+METHODS = ("ar", "esp", "pld", "hybrid")
+
+
+class Target:
+    """The target's exact joint distribution of the next NEW_TOKENS tokens after the prompt."""
+
+    def __init__(self, lm, prompt_ids: list[int], cfg: SamplingConfig, eos: set[int]):
+        self.model, self.prompt_ids, self.cfg, self.eos = lm.model, prompt_ids, cfg, eos
+        self.dist: dict[tuple[int, ...], torch.Tensor] = {}  # prefix -> warped next-token probabilities [vocab]
+
+    def _warp(self, logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> probabilities
+        scores = TemperatureLogitsWarper(self.cfg.temperature)(None, logits.float())
+        if self.cfg.top_k:
+            scores = TopKLogitsWarper(self.cfg.top_k)(None, scores)
+        if self.cfg.top_p < 1.0:
+            scores = TopPLogitsWarper(self.cfg.top_p)(None, scores)
+        return scores.softmax(dim=-1)
+
+    @torch.inference_mode()
+    def _compute(self, prefixes: list[tuple[int, ...]]) -> None:
+        todo = [p for p in prefixes if p not in self.dist]
+        for start in range(0, len(todo), 64):  # equal lengths: one batch, no padding
+            batch = todo[start : start + 64]
+            ids = torch.tensor([self.prompt_ids + list(p) for p in batch])
+            logits = self.model(input_ids=ids).logits[:, -1]  # [batch, vocab]
+            for p, probs in zip(batch, self._warp(logits)):
+                self.dist[p] = probs
+
+    def probability(self, outcome: tuple[int, ...]) -> float:
+        self._compute([outcome[:i] for i in range(len(outcome))])
+        prob = 1.0
+        for i, token in enumerate(outcome):
+            prob *= float(self.dist[outcome[:i]][token])
+        return prob
+
+    def likely_outcomes(self, threshold: float) -> dict[tuple[int, ...], float]:
+        """Every outcome (NEW_TOKENS tokens, or fewer ending at EOS) of probability >= threshold."""
+        frontier, done = {(): 1.0}, {}
+        for _ in range(NEW_TOKENS):
+            self._compute(list(frontier))
+            grown = {}
+            for prefix, prob in frontier.items():
+                probs = self.dist[prefix]
+                for token in torch.nonzero(probs * prob >= threshold).flatten().tolist():
+                    outcome, p = prefix + (token,), prob * float(probs[token])
+                    (done if token in self.eos else grown)[outcome] = p
+            frontier = grown
+        done.update(frontier)
+        return done
+
+
+def chi_square_p(counts: Counter, target: Target, n: int) -> float:
+    """p-value of the observed outcome counts against the target's exact distribution: one bin per
+    outcome expected >= MIN_EXPECTED times, every other outcome (seen or not) in one pooled bin."""
+    expected = {o: n * p for o, p in target.likely_outcomes(MIN_EXPECTED / n).items()}
+    observed = [counts.get(o, 0) for o in expected]
+    exp = list(expected.values())
+    rest_observed, rest_expected = n - sum(observed), n - sum(exp)
+    if rest_expected >= 1e-9 * n:
+        observed.append(rest_observed)
+        exp.append(rest_expected)
+    elif rest_observed:
+        return 0.0  # outcomes the target gives no mass to
+    o, e = torch.tensor(observed, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
+    statistic = float(((o - e) ** 2 / e).sum())
+    dof = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2):
+    prompt_ids = format_prompt(smollm2.tokenizer, PROMPT, None)
+    eos = eos_token_ids(smollm2.model, smollm2.tokenizer)
+    replay = ReplayBackend(TorchBackend.of(smollm2.model))
+    targets = {name: Target(smollm2, prompt_ids, cfg, eos) for name, cfg in SETTINGS.items()}
+    return smollm2, prompt_ids, eos, replay, targets
+
+
+def sample(setup, method: str, cfg: SamplingConfig, seeds=range(SEEDS)) -> tuple[Counter, float]:
+    """Outcome counts over `seeds`, and the fraction of generations that accepted a draft."""
+    lm, prompt_ids, eos, replay, _ = setup
+    counts, accepted = Counter(), 0
+    for seed in seeds:
+        drafter = make_drafter(method)  # as `generate` makes one per request
+        ids, stats, _ = decode(replay, prompt_ids, drafter, NEW_TOKENS, eos, sampling=replace(cfg, seed=seed), tokenizer=lm.tokenizer)
+        counts[tuple(ids)] += 1
+        accepted += stats.target_forwards < len(ids)
+    return counts, accepted / len(seeds)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_tokens_follow_the_target(setup, method, setting):
+    counts, accepted = sample(setup, method, SETTINGS[setting])
+    if method != "ar":
+        assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
+    p = chi_square_p(counts, setup[4][setting], SEEDS)
+    assert p > ALPHA, f"{method} at {setting}: p = {p:.2e}, {len(counts)} distinct outcomes"
+
+
+@pytest.mark.parametrize("fault, setting", [("noise-by-row", "t1.0"), ("warp-order", "t0.7-p0.9-k50"), ("reused-noise", "t1.0")])
+def test_a_broken_sampling_path_fails_the_same_test(setup, fault, setting):
+    assert fault in FAULTS
+    with injected_fault(fault):
+        counts, _ = sample(setup, "hybrid", SETTINGS[setting])
+    p = chi_square_p(counts, setup[4][setting], SEEDS)
+    assert p < REJECT, f"{fault}: p = {p:.2e}: the test cannot tell this broken path from a correct one"
+
+
+def test_generate_is_the_path_under_test(setup):
+    """`generate` (real backend, no replay) gives the same tokens as the replayed `decode` above."""
+    lm, prompt_ids, eos, replay, _ = setup
+    for seed in (0, 1, 2):
+        cfg = replace(SETTINGS["t0.7-p0.9-k50"], seed=seed)
+        out = specprobe.generate(lm.model, lm.tokenizer, prompt_ids, method="hybrid", max_new_tokens=NEW_TOKENS, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed)
+        ids, _, _ = decode(replay, prompt_ids, make_drafter("hybrid"), NEW_TOKENS, eos, sampling=cfg, tokenizer=lm.tokenizer)
+        assert out.token_ids == ids
+
+
+def test_seeds_reproduce_and_differ(setup):
+    """One seed, one text: across methods and across runs; two seeds give two texts."""
+    lm = setup[0]
+    run = lambda method, seed: specprobe.generate(lm.model, lm.tokenizer, PROMPT, method=method, max_new_tokens=24, temperature=1.0, seed=seed).token_ids
+    first = run("ar", 11)
+    assert all(run(m, 11) == first for m in ("esp", "pld", "hybrid")) and run("ar", 11) == first
+    assert run("hybrid", 12) != first
