@@ -43,6 +43,7 @@ def atomic_write(path: str | Path, data: bytes | str, lock: bool = True) -> None
                 f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's 0600 is not what a user expects
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -37,7 +37,11 @@ NEW_TOKENS = 3
 ALPHA = 0.01  # a correct path passes at p > ALPHA
 REJECT = 1e-6  # a broken path fails at p < REJECT
 MIN_EXPECTED = 5.0  # outcomes expected fewer times are pooled into one bin
-PROMPT = "Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes."
+# a raw prompt (no chat template) that repeats a list: the drafters' copies and ESP's guesses are
+# accepted often, and the next tokens stay uncertain enough (hundreds of outcomes at T = 1) that a
+# wrong noise key shows in the joint distribution
+LIST = "apples, bananas, cherries, dates, figs, grapes, lemons, mangoes."
+PROMPT = f"{LIST} {LIST} apples, bananas,"
 SETTINGS = {"t1.0": SamplingConfig(temperature=1.0), "t0.7-p0.9-k50": SamplingConfig(temperature=0.7, top_p=0.9, top_k=50)}
 METHODS = ("ar", "esp", "pld", "hybrid")
 
@@ -102,6 +106,7 @@ def chi_square_p(counts: Counter, target: Target, n: int) -> float:
         exp.append(rest_expected)
     elif rest_observed:
         return 0.0  # outcomes the target gives no mass to
+    assert len(exp) >= 10, f"only {len(exp)} bins: too few outcomes for the test to have power"
     o, e = torch.tensor(observed, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
     statistic = float(((o - e) ** 2 / e).sum())
     dof = len(exp) - 1
@@ -110,7 +115,7 @@ def chi_square_p(counts: Counter, target: Target, n: int) -> float:
 
 @pytest.fixture(scope="module")
 def setup(smollm2):
-    prompt_ids = format_prompt(smollm2.tokenizer, PROMPT, None)
+    prompt_ids = format_prompt(smollm2.tokenizer, PROMPT, chat=False)
     eos = eos_token_ids(smollm2.model, smollm2.tokenizer)
     replay = ReplayBackend(TorchBackend.of(smollm2.model))
     targets = {name: Target(smollm2, prompt_ids, cfg, eos) for name, cfg in SETTINGS.items()}
@@ -136,15 +141,17 @@ def test_sampled_tokens_follow_the_target(setup, method, setting):
     if method != "ar":
         assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
     p = chi_square_p(counts, setup[4][setting], SEEDS)
+    print(f"{method} at {setting}: p = {p:.3g}, {len(counts)} distinct outcomes, drafts accepted in {accepted:.0%} of generations")
     assert p > ALPHA, f"{method} at {setting}: p = {p:.2e}, {len(counts)} distinct outcomes"
 
 
-@pytest.mark.parametrize("fault, setting", [("noise-by-row", "t1.0"), ("warp-order", "t0.7-p0.9-k50"), ("reused-noise", "t1.0")])
+@pytest.mark.parametrize("fault, setting", [("noise-by-row", "t1.0"), ("warp-order", "t0.7-p0.9-k50"), ("cuts-after-noise", "t0.7-p0.9-k50"), ("reused-noise", "t1.0")])
 def test_a_broken_sampling_path_fails_the_same_test(setup, fault, setting):
     assert fault in FAULTS
     with injected_fault(fault):
         counts, _ = sample(setup, "hybrid", SETTINGS[setting])
     p = chi_square_p(counts, setup[4][setting], SEEDS)
+    print(f"fault {fault} at {setting}: p = {p:.3g}")
     assert p < REJECT, f"{fault}: p = {p:.2e}: the test cannot tell this broken path from a correct one"
 
 
@@ -161,7 +168,8 @@ def test_generate_is_the_path_under_test(setup):
 def test_seeds_reproduce_and_differ(setup):
     """One seed, one text: across methods and across runs; two seeds give two texts."""
     lm = setup[0]
-    run = lambda method, seed: specprobe.generate(lm.model, lm.tokenizer, PROMPT, method=method, max_new_tokens=24, temperature=1.0, seed=seed).token_ids
+    prompt_ids = setup[1]
+    run = lambda method, seed: specprobe.generate(lm.model, lm.tokenizer, prompt_ids, method=method, max_new_tokens=24, temperature=1.0, seed=seed).token_ids
     first = run("ar", 11)
     assert all(run(m, 11) == first for m in ("esp", "pld", "hybrid")) and run("ar", 11) == first
     assert run("hybrid", 12) != first

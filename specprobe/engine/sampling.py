@@ -117,7 +117,10 @@ class RowProbs:
 
     def __getitem__(self, row: int) -> torch.Tensor:  # -> [vocab]
         if row not in self.rows:
-            self.rows[row] = target_probs(self.logits[row : row + 1], self.cfg)[0]
+            if _fault == "cuts-after-noise":  # deliberately wrong (tests only): top-k / top-p cut the noisy scores, never changing the argmax
+                self.rows[row] = (self.logits[row].float() / self.cfg.temperature).softmax(dim=-1)
+            else:
+                self.rows[row] = target_probs(self.logits[row : row + 1], self.cfg)[0]
         return self.rows[row]
 
 
@@ -267,7 +270,8 @@ def accept(
 #   noise-by-row   the coupled noise keyed by the node's depth within a step, not its position
 #   warp-order     top-k and top-p cut before the temperature is applied
 #   reused-noise   one noise sequence for every seed (as a generator reused across requests)
-FAULTS = ("noise-by-row", "warp-order", "reused-noise")
+#   cuts-after-noise  top-k and top-p applied to the noisy scores, where they never change the argmax
+FAULTS = ("noise-by-row", "warp-order", "reused-noise", "cuts-after-noise")
 _fault: str | None = None
 
 
