@@ -73,7 +73,7 @@ def test_sequence_sets_give_every_row_exactly_its_visible_rows(seed):
 
 
 # -- lossless on both models ---------------------------------------------------------------------
-METHODS = ["pld", "hybrid", "esp", "lookahead"]
+METHODS = ["pld", "hybrid", "esp", "lookahead", "token-recycling", "suffix"]
 
 
 @pytest.mark.parametrize("model_name", ["smollm2_cpp", "gemma3_cpp"])

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import specprobe
 from conftest import hf_greedy, varied_prompts
+from specprobe.api import eos_token_ids
+from specprobe.backends.torch import TorchBackend
+from specprobe.drafters import make_drafter
+from specprobe.engine.decode import decode
 from specprobe.models import format_prompt
 
 N_PROMPTS = 14  # round robin over the 13 categories: each at least once
@@ -57,13 +62,34 @@ def test_ar_identical_to_hf_generate_and_tau_one(model_name, request, spec_bench
 PAPER_TREE = dict(masks=3, branching=4, budget=8)
 
 
-@pytest.mark.parametrize("mask_init", ["context-mean", "ema", "vocab-mean", "token:0"])
+@pytest.mark.parametrize("mask_init", ["context-mean", "ema", "vocab-mean", "token:0", "soft-prev", "slot-mix"])
 def test_esp_deep_trees_and_mask_inits_are_lossless(smollm2, mask_init):
     ids = format_prompt(smollm2.tokenizer, "List the first ten prime numbers, separated by commas.")
     ref = hf_greedy(smollm2, ids, 32)
     out = specprobe.generate(smollm2.model, smollm2.tokenizer, ids, method="esp", max_new_tokens=32, mask_init=mask_init, **PAPER_TREE)
     assert out.token_ids == ref
     assert max(out.stats.draft_sizes) == PAPER_TREE["budget"]
+    assert out.stats.tau > 1.0  # drafts were accepted
+
+
+def test_soft_masks_are_built_from_the_last_step(smollm2):
+    """soft-prev and slot-mix leave the vocabulary mean once a step has run (slot-mix: a vector per slot)."""
+    backend = TorchBackend.of(smollm2.model)
+    ids = format_prompt(smollm2.tokenizer, "Count from one to twenty in words.")
+    mean = backend.embedding_stats()[0]
+    for init in ("soft-prev", "slot-mix"):
+        drafter, seen = make_drafter("esp", mask_init=init, masks=2, budget=4), []
+        observe = drafter.observe
+
+        def recording(session, step, observe=observe, drafter=drafter):
+            observe(session, step)
+            seen.append([drafter.mask] if init == "soft-prev" else list(drafter.slot_vectors))
+
+        drafter.observe = recording
+        decode(backend, ids, drafter, 16, eos_token_ids(smollm2.model, smollm2.tokenizer), tokenizer=smollm2.tokenizer)
+        vectors = seen[0]  # after the first step
+        assert len(vectors) == (1 if init == "soft-prev" else 2)
+        assert all(not torch.allclose(v, mean, atol=1e-3) for v in vectors)
 
 
 def test_esp_deep_trees_are_lossless_on_gemma3(gemma3, spec_bench_questions):

@@ -104,7 +104,7 @@ def test_deterministic_rule_first_and_second_token():
 def test_gumbel_coupled_rule_first_and_second_token():
     firsts, after0, after1 = [], [], []
     for i in range(DRAWS):
-        acc = accept_by_position_noise(TREE, P, PositionNoise(i), position=40)
+        acc = accept_by_position_noise(TREE, P.log(), PositionNoise(i), position=40)
         firsts.append(acc.tokens[0])
         if acc.path[:1] == [0]:
             after0.append(acc.tokens[1])

@@ -34,6 +34,14 @@ METHOD_FLAGS = {
     "--adapt-state": ("adapt_state", str, "omnidraft: file the online-distilled adapter (and n-gram cache, acceptance model) is loaded from and saved to after each request"),
     "--adapt-lr": ("adapt_lr", float, "omnidraft: learning rate of the online distillation (default 2e-3)"),
     "--adapt-rank": ("adapt_rank", int, "omnidraft: LoRA rank of the online distillation (default 8)"),
+    "--recycle-k": ("k", int, "token-recycling: successors kept per token (default 8)"),
+    "--max-depth": ("max_depth", int, "token-recycling: deepest draft (default 8)"),
+    "--state": ("state_file", str, "token-recycling: file the adjacency matrix is loaded from and saved to after each request"),
+    "--max-tree-depth": ("max_tree_depth", int, "suffix: longest substring kept and matched (default 24)"),
+    "--max-spec-tokens": ("max_spec_tokens", int, "suffix: most nodes speculated per step (default 32)"),
+    "--max-spec-factor": ("max_spec_factor", float, "suffix: speculation depth <= factor x match length (default 1.0)"),
+    "--min-token-prob": ("min_token_prob", float, "suffix: least frequency of a speculated continuation (default 0.1)"),
+    "--max-cached-requests": ("max_cached_requests", int, "suffix: earlier outputs kept in the global trie (default 200)"),
 }
 
 

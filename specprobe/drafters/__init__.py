@@ -15,6 +15,8 @@ from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
 from .omnidraft import OmniDraftConfig, OmniDraftDrafter, OmniDraftFrozenDrafter
 from .prompt_lookup import PLDConfig, PLDDrafter
+from .suffix import SuffixConfig, SuffixDrafter
+from .token_recycling import TokenRecyclingConfig, TokenRecyclingDrafter
 
 # method name -> (drafter class, its config dataclass or None)
 METHODS: dict[str, tuple[type[Drafter], type | None]] = {
@@ -24,6 +26,8 @@ METHODS: dict[str, tuple[type[Drafter], type | None]] = {
     "lookahead": (LookaheadDrafter, LookaheadConfig),
     "draft": (DraftModelDrafter, DraftModelConfig),
     "hybrid": (HybridDrafter, HybridConfig),
+    "token-recycling": (TokenRecyclingDrafter, TokenRecyclingConfig),
+    "suffix": (SuffixDrafter, SuffixConfig),
     "eagle": (EagleDrafter, EagleConfig),
     "confu": (ConfuDrafter, EagleConfig),
     "omnidraft": (OmniDraftDrafter, OmniDraftConfig),

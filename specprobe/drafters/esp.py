@@ -24,6 +24,15 @@ Mask vector (`mask_init`):
                 mean and standard deviation
   token:ID      the embedding of one token (an id, or a token string)
 All masks of a chain share the vector; their positions differ (RoPE tells them apart).
+
+Two constructions of this project's own (no published method uses them), both soft embeddings
+built from the distributions the previous step's masks predicted, which cost no forward:
+  soft-prev     one vector for every mask: the expected input embedding under the first mask's
+                last distribution, E^T p, over its SOFT_TOKENS most likely tokens, the rest of the
+                probability mass given to the vocabulary mean (vocab-mean before the first step)
+  slot-mix      a vector per mask: the mask after a node at depth d, offset j, sits in the slot of
+                depth d + j, whose token the previous step's mask d + j guessed; its vector is that
+                guess's expected embedding (as in soft-prev); vocab-mean where no mask guessed it
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from ..engine.protocol import Drafter, Proposal, StepResult
 from ..engine.tree import ROOT, AuxRows, DraftTree, Layout
 from ..errors import InvalidOptionError
 
-MASK_INITS = ("context-mean", "ema", "vocab-mean", "gaussian", "token:<id>")
+MASK_INITS = ("context-mean", "ema", "vocab-mean", "gaussian", "soft-prev", "slot-mix", "token:<id>")
+SOFT_TOKENS = 64  # tokens of a mask distribution that soft-prev and slot-mix mix
 
 
 @dataclass
@@ -63,7 +73,7 @@ class ESPConfig:
                 raise InvalidOptionError(f"ESP option {name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 < self.ema_lambda <= 1.0):
             raise InvalidOptionError(f"ESP option ema_lambda must be in (0, 1], got {self.ema_lambda}")
-        if self.mask_init not in MASK_INITS[:4] and not self.mask_init.startswith("token:"):
+        if self.mask_init not in MASK_INITS[:-1] and not self.mask_init.startswith("token:"):
             raise InvalidOptionError(f"unknown mask_init {self.mask_init!r}; choose from {', '.join(MASK_INITS)}")
 
 
@@ -134,7 +144,7 @@ class ESPDrafter(Drafter):
     # -- mask vector -------------------------------------------------------------------------
     def _fixed_mask(self, session) -> torch.Tensor | None:
         init = self.config.mask_init
-        if init == "vocab-mean":
+        if init in ("vocab-mean", "soft-prev", "slot-mix"):  # the last two until a step has run
             return session.target.embedding_stats()[0]
         if init == "gaussian":  # one fixed draw from N(mean, std^2) of the vocabulary's embeddings
             mean, std = session.target.embedding_stats()
@@ -157,6 +167,7 @@ class ESPDrafter(Drafter):
         if self.config.branching + 1 > session.target.vocab_size:
             raise InvalidOptionError(f"ESP option branching ({self.config.branching}) must be below the vocabulary size ({session.target.vocab_size})")
         self.depths: list[DepthCandidates] = []
+        self.slot_vectors: list[torch.Tensor] = []  # slot-mix: the expected embedding of depth i + 1's token [hidden]
         if self.config.budget == "auto":
             self.auto = AutoBudget(session.target, kind=self.name)
         prompt = session.target.embed(session.ids).float()  # [prompt_len, hidden]
@@ -201,8 +212,20 @@ class ESPDrafter(Drafter):
                 anchors.append(a)
                 offsets.append(j + 1)
                 sees.append(tuple(range(base, base + j)))
+        if self.config.mask_init == "slot-mix" and self.slot_vectors:
+            depth = [0, *tree.depths()]  # of the root and of each node
+            slot = [depth[a + 1] + o - 1 for a, o in zip(anchors, offsets)]  # index into slot_vectors
+            embeds = torch.stack([self.slot_vectors[i] if i < len(self.slot_vectors) else self.mask for i in slot])
+            return AuxRows(embeds.to(session.target.dtype), anchors, offsets, sees)  # [m, hidden]
         embeds = self.mask.to(session.target.dtype).expand(len(anchors), -1)  # [m, hidden]
         return AuxRows(embeds, anchors, offsets, sees)
+
+    def _expected_embedding(self, session, probs: torch.Tensor) -> torch.Tensor:
+        """E^T p over the SOFT_TOKENS likeliest tokens of `probs` [vocab], the rest of the mass on
+        the vocabulary mean: an embedding-space guess of the token a mask predicted [hidden]."""
+        top = torch.topk(probs.float(), min(SOFT_TOKENS, probs.shape[-1]))
+        mixed = top.values @ session.target.embed(top.indices.tolist()).float()  # [hidden]
+        return mixed + (1.0 - float(top.values.sum())) * session.target.embedding_stats()[0]
 
     def observe(self, session, step: StepResult) -> None:
         self._update_mask(session, step.emitted)
@@ -213,14 +236,18 @@ class ESPDrafter(Drafter):
             self.auto.observe(conditional, tree.parents, step.acceptance.path)
         aux = step.proposal.aux
         if step.drafts_dropped or aux is None:  # no mask rows ran this step (the last token, or the end of the context)
-            self.depths = []
+            self.depths, self.slot_vectors = [], []
             return
         path = step.acceptance.path
         last = path[-1] if path else ROOT
         rows = [j for j, a in enumerate(aux.anchor) if a == last]
         if not rows:  # no masks after that node (the hybrid places masks after ESP's nodes only)
-            self.depths = []
+            self.depths, self.slot_vectors = [], []
             return
-        probs = torch.softmax(step.output.aux_logits[rows], dim=-1)  # [k, vocab]
+        probs = torch.softmax(step.output.aux_logits[rows].float(), dim=-1)  # [k, vocab]
+        if self.config.mask_init == "soft-prev":
+            self.mask = self._expected_embedding(session, probs[0])
+        elif self.config.mask_init == "slot-mix":
+            self.slot_vectors = [self._expected_embedding(session, row) for row in probs]
         top = torch.topk(probs, self.config.branching + 1, dim=-1)
         self.depths = [DepthCandidates(t, p) for t, p in zip(top.indices.tolist(), top.values.tolist())]

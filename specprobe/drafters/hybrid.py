@@ -35,14 +35,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.budget import AutoBudget, nodes_tested, parse_budget
+from ..engine.budget import AutoBudget, Calibration, nodes_tested, parse_budget
 from ..engine.protocol import Drafter, Proposal, StepResult
 from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
 from .esp import ESPConfig, ESPDrafter, ranked_tree
 from .ngram import NGramPool, ends_in_repeat, find_continuations
+from .suffix import GlobalOutputs, SuffixConfig, SuffixSource
+from .token_recycling import computed_rows, shared_matrix
 
-SOURCES = ("esp", "pld", "pool")
+SOURCES = ("esp", "pld", "pool", "recycle", "suffix")
+SCORED_SOURCES = ("recycle", "suffix")  # sources with their own probability per node, calibrated like ESP's
 PRIORS = {"pld": 0.6, "pool": 0.4}  # acceptance rates assumed before any evidence
 PRIOR_WEIGHT = 2.0
 MAX_DEPTH_BUCKET = 16  # acceptance rates are kept per depth up to this one
@@ -68,6 +71,9 @@ class HybridConfig:
     max_candidates: int = 4  # PLD: continuations offered (as many as --method pld merges)
     ngram: int = 4  # pool: n-gram length (the root token + n - 1 drafts)
     pool_per_key: int = 3  # pool: n-grams kept per root token
+    recycle: bool = True  # Token Recycling's adjacency matrix as a source (token_recycling.py)
+    suffix: bool = True  # suffix tries over this text and earlier outputs as a source (suffix.py)
+    source_nodes: int = 16  # nodes of the recycle and suffix sources' own trees offered to the merge
     budget: int | str = "auto"  # nodes per step, or auto (budget.py)
     max_budget: int = 64  # the largest tree auto considers (where rows are nearly free, as on a GPU,
     # the trees grow past pld's fixed 32 nodes)
@@ -89,12 +95,14 @@ class ScoredPath:
     source: str
     tokens: list[int]
     scores: list[float]
+    conditional: list[float] | None = None  # the source's own probability of each token given the one before (scored sources)
 
 
-def merge_scored(paths: list[ScoredPath]) -> tuple[DraftTree, list[float], list[set[str]]]:
+def merge_scored(paths: list[ScoredPath]) -> tuple[DraftTree, list[float], list[dict[str, float | None]]]:
     """Merge scored paths into one trie; nodes ordered best score first (parents before children).
 
-    Returns the tree, each node's score (the best of the paths through it) and its sources.
+    Returns the tree, each node's score (the best of the paths through it) and its sources (each
+    with its own conditional probability of the node, None for a source that has none).
 
     >>> t, s, src = merge_scored([ScoredPath("pld", [5, 6, 7], [0.6, 0.36, 0.2]),
     ...                           ScoredPath("esp", [5, 8], [0.7, 0.3])])
@@ -110,12 +118,13 @@ def merge_scored(paths: list[ScoredPath]) -> tuple[DraftTree, list[float], list[
         for depth, (token, score) in enumerate(zip(path.tokens, path.scores), start=1):
             key = (parent, token)
             e = key_of.get(key)
+            cond = path.conditional[depth - 1] if path.conditional else None
             if e is None:
                 e = key_of[key] = len(entries)
-                entries.append([token, parent, score, depth, {path.source}])
+                entries.append([token, parent, score, depth, {path.source: cond}])
             else:
                 entries[e][2] = max(entries[e][2], score)
-                entries[e][4].add(path.source)
+                entries[e][4].setdefault(path.source, cond)
             parent = e
     # a child never outscores its parent: keep scores monotone after the max-merge
     for e in entries:
@@ -128,6 +137,36 @@ def merge_scored(paths: list[ScoredPath]) -> tuple[DraftTree, list[float], list[
         token, parent = entries[old][0], entries[old][1]
         tree.add(token, ROOT if parent == ROOT else new_index[parent])
     return tree, [entries[i][2] for i in order], [entries[i][4] for i in order]
+
+
+def scored_paths(source: str, tree: DraftTree, scores: list[float], factor: float) -> list[ScoredPath]:
+    """The root-to-leaf paths of a source's best-first tree, each node scored by the product of
+    its path's calibrated conditional probabilities, min(1, p x factor), cut where that falls
+    below MIN_SCORE.
+
+    >>> paths = scored_paths("recycle", DraftTree([7, 8, 9], [-1, 0, -1]), [0.8, 0.4, 0.1], factor=0.5)
+    >>> [(p.tokens, [round(s, 2) for s in p.scores], p.conditional) for p in paths]
+    [([7, 8], [0.4, 0.1], [0.8, 0.5]), ([9], [0.05], [0.1])]
+    """
+    has_child = set(p for p in tree.parents if p != ROOT)
+    paths = []
+    for leaf in range(len(tree)):
+        if leaf in has_child:
+            continue
+        nodes = tree.path_to(leaf)
+        tokens, out_scores, conds, score = [], [], [], 1.0
+        for i in nodes:
+            parent = tree.parents[i]
+            cond = scores[i] / (scores[parent] if parent != ROOT else 1.0)
+            score *= min(1.0, cond * factor)
+            if score < MIN_SCORE:
+                break
+            tokens.append(tree.tokens[i])
+            out_scores.append(score)
+            conds.append(cond)
+        if tokens:
+            paths.append(ScoredPath(source, tokens, out_scores, conds))
+    return paths
 
 
 class SourceRates:
@@ -171,7 +210,16 @@ class HybridDrafter(Drafter):
         self.copy_mode = False
         self.esp_gain = ESP_GAIN_PRIOR  # tokens ESP's candidates add per step beyond the copying sources (running mean)
         self.steps_bare = 0
-        self.first_candidates: list[tuple[str, int]] = []
+        self.first_candidates: list[tuple[str, int, float | None]] = []
+        target = session.target
+        self.calibration = {name: Calibration() for name in SCORED_SOURCES}
+        self.matrix = shared_matrix(target, self.name, 8, None) if c.recycle else None
+        self.suffix = None
+        if c.suffix:
+            suffix_config = SuffixConfig()
+            key = ("suffix-outputs", self.name, suffix_config.max_tree_depth, suffix_config.max_cached_requests)
+            outputs = target.drafter_state().setdefault(key, GlobalOutputs(suffix_config.max_tree_depth, suffix_config.max_cached_requests))
+            self.suffix = SuffixSource(suffix_config, session, outputs)
 
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config
@@ -201,7 +249,18 @@ class HybridDrafter(Drafter):
                 if scores:
                     paths.append(ScoredPath(label, seq[: len(scores)], scores))
                 if seq:
-                    self.first_candidates.append((label, seq[0]))
+                    self.first_candidates.append((label, seq[0], None))
+        scored = []
+        if self.matrix is not None:
+            scored.append(("recycle", *self.matrix.expand(root, c.source_nodes, 8)))
+        if self.suffix is not None:
+            self.suffix.advance(session.ids)
+            scored.append(("suffix", *self.suffix.candidates(session.ids, c.source_nodes)))
+        for name, tree, scores in scored:
+            paths += scored_paths(name, tree, scores, self.calibration[name].factor)
+            first = next((i for i, p in enumerate(tree.parents) if p == ROOT), None)
+            if first is not None:
+                self.first_candidates.append((name, tree.tokens[first], scores[first]))
         return paths
 
     def propose(self, session) -> Proposal:
@@ -249,11 +308,13 @@ class HybridDrafter(Drafter):
             depths = tree.depths()
             esp_pred, esp_acc = 0.0, 0
             for i in nodes_tested(tree.parents, path):
-                for source in self.sources[i]:
-                    if source != "esp":
+                for source, cond in self.sources[i].items():
+                    if source in SCORED_SOURCES:
+                        self.calibration[source].update(cond, i in on_path)
+                    elif source != "esp":
                         self.rates.update(source, depths[i], i in on_path)
-                        if depths[i] == 1:
-                            tested_first.add(source)
+                    if depths[i] == 1:
+                        tested_first.add(source)
                 if self.auto is not None and "esp" in self.sources[i]:  # ESP's calibration: raw probability vs outcome
                     esp_pred += self._esp_conditional(tree.tokens[i], depths[i])
                     esp_acc += i in on_path
@@ -263,19 +324,29 @@ class HybridDrafter(Drafter):
         # (accepting a point-mass candidate c has probability p(c), which is also the chance that
         # the target's own token is c): on a steep cost curve this is the only evidence there is
         chosen = step.acceptance.tokens[0]
-        for label, token in self.first_candidates:
+        for label, token, cond in self.first_candidates:
             if label not in tested_first:
-                self.rates.update(label, 1, token == chosen)
+                if label in SCORED_SOURCES:
+                    self.calibration[label].update(cond, token == chosen)
+                else:
+                    self.rates.update(label, 1, token == chosen)
                 tested_first.add(label)
         self.first_candidates = []
+        if self.matrix is not None:  # the target's rows of this forward, recycled (token_recycling.py)
+            rows, tokens = computed_rows(step, getattr(session.target, "verifies_trees", True))
+            self.matrix.update([session.ids[len(session.ids) - len(step.emitted) - 1], *tokens], step.output.logits[rows])
         copied = sum(1 for i in path if any(src != "esp" for src in self.sources[i])) if len(tree) else 0
         self.copy_mode = copied >= COPY_RUN
         if self.esp_depths_before:  # ESP had candidates this step: what they added that no copy did
-            only_esp = sum(1 for i in path if self.sources[i] == {"esp"}) if len(tree) else 0
+            only_esp = sum(1 for i in path if set(self.sources[i]) == {"esp"}) if len(tree) else 0
             self.esp_gain = (1 - GAIN_RATE) * self.esp_gain + GAIN_RATE * only_esp
         self.esp.observe(session, step)  # next step's ESP candidates from the masks at the last accepted node
         self.pool.add_text(session.ids, self.pooled_upto)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
+
+    def finish(self, session) -> None:
+        if self.suffix is not None:
+            self.suffix.global_outputs.add(session.generated)
 
     def _esp_conditional(self, token: int, depth: int) -> float:
         """ESP's raw probability for `token` at `depth` (0 when ESP did not rank it)."""

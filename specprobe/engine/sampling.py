@@ -79,19 +79,35 @@ class SamplingConfig:
 
 def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """logits [rows, vocab] -> probabilities [rows, vocab] after temperature, top-k and top-p."""
+    return warped_scores(logits, cfg).softmax(dim=-1)
+
+
+def warped_scores(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits [rows, vocab] / temperature, -inf outside the top-k and the top-p nucleus: the log
+    of `target_probs` up to a constant per row."""
     if _fault == "warp-order":  # deliberately wrong (tests only): the cuts before the temperature
-        return _cut(logits.float(), cfg).div(cfg.temperature).softmax(dim=-1)
-    return _cut(logits.float() / cfg.temperature, cfg).softmax(dim=-1)
+        return _cut(logits.float(), cfg).div(cfg.temperature)
+    return _cut(logits.float() / cfg.temperature, cfg)
 
 
 def _cut(scores: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """scores [rows, vocab] with every token outside the top-k, then outside the top-p nucleus, at
-    -inf (ties at the k-th score kept, as transformers' TopKLogitsWarper keeps them). With a top-k,
-    the nucleus is found among the k survivors only (no sort of the whole vocabulary)."""
+    -inf (ties at the k-th score kept, as transformers' TopKLogitsWarper keeps them)."""
+    compact = _cut_compact(scores, cfg)
+    if compact is None:
+        return scores
+    values, index = compact
+    return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+
+
+def _cut_compact(scores: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_cut` as (values, index) [rows, m], values descending and -inf where cut, or None when
+    nothing is cut. With a top-k, the nucleus is found among the k survivors only (no sort of the
+    whole vocabulary)."""
     vocab = scores.shape[-1]
     top_k = cfg.top_k if cfg.top_k and cfg.top_k < vocab else 0
     if not top_k and cfg.top_p >= 1.0:
-        return scores
+        return None
     if top_k:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]  # [rows, 1]
         survivors = int((scores >= kth).sum(dim=-1).max())  # k, or more where scores tie at the k-th
@@ -105,23 +121,48 @@ def _cut(scores: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         drop = cumulative <= 1 - cfg.top_p  # the low tail whose mass is at most 1 - top_p
         drop[..., -1:] = False  # always keep the most likely token
         values = ascending.masked_fill(drop, float("-inf")).flip(-1)
-    return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+    return values, index
 
 
-class RowProbs:
-    """`target_probs` of one row at a time, computed when a rule first reads the row: the
-    coupled rule visits the root and the accepted path only, not every row of a tree."""
+class RowScores:
+    """The coupled rule's view of a forward's logits: each row warped (temperature, top-k, top-p)
+    when the rule first reads it (the rule visits the root and the accepted path only, not every
+    row of a tree), and sampled with the row's support in hand (no pass over the vocabulary to
+    find it)."""
 
     def __init__(self, logits: torch.Tensor, cfg: SamplingConfig):  # logits [rows, vocab]
         self.logits, self.cfg, self.rows = logits, cfg, {}
 
-    def __getitem__(self, row: int) -> torch.Tensor:  # -> [vocab]
+    def _support(self, row: int) -> tuple[list[int], list[float]] | None:
+        """(tokens, scores) of the row's support when a cut applies, else None (all tokens)."""
         if row not in self.rows:
-            if _fault == "cuts-after-noise":  # deliberately wrong (tests only): top-k / top-p cut the noisy scores, never changing the argmax
-                self.rows[row] = (self.logits[row].float() / self.cfg.temperature).softmax(dim=-1)
+            x = self.logits[row : row + 1].float()
+            if _fault == "cuts-after-noise":  # deliberately wrong (tests only): the cuts applied to the noisy scores, where they never change the argmax
+                compact = None
+            elif _fault == "warp-order":  # deliberately wrong (tests only): the cuts before the temperature
+                compact = _cut_compact(x, self.cfg)
+                compact = None if compact is None else (compact[0] / self.cfg.temperature, compact[1])
             else:
-                self.rows[row] = target_probs(self.logits[row : row + 1], self.cfg)[0]
+                compact = _cut_compact(x / self.cfg.temperature, self.cfg)
+            if compact is None:
+                self.rows[row] = None
+            else:
+                values, index = compact[0][0], compact[1][0]
+                keep = torch.isfinite(values)
+                self.rows[row] = (index[keep], values[keep])  # [m] each
         return self.rows[row]
+
+    def sample(self, row: int, noise: "PositionNoise", position: int) -> int:
+        support = self._support(row)
+        if support is None or len(support[0]) > SMALL_SUPPORT:
+            return gumbel_argmax(self[row], noise, position)
+        return _gumbel_argmax_of(support[0].tolist(), support[1].tolist(), noise, position)
+
+    def __getitem__(self, row: int) -> torch.Tensor:  # -> [vocab], the warped scores
+        support = self._support(row)
+        if support is None:
+            return self.logits[row].float() / self.cfg.temperature
+        return torch.full((self.logits.shape[-1],), float("-inf")).index_put_((support[0],), support[1])
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:  # probs [vocab]
@@ -205,19 +246,61 @@ def accept_with_draft_probs(
     return _walk(tree, probs, generator, trial, allowed)
 
 
+_MASK64 = (1 << 64) - 1
+SMALL_SUPPORT = 256  # up to this many tokens with a finite score, noise is hashed per token (gumbel_argmax)
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 class PositionNoise:
-    """Gumbel noise for each position of the sequence, a function of (seed, position) alone."""
+    """Gumbel noise for each position of the sequence, a function of (seed, position) alone.
+
+    Two forms, chosen by the size of the distribution's support, itself a function of the target's
+    distribution only (so every method picks the same one at a position): `vector` draws the noise
+    of the whole vocabulary from a generator seeded with (seed, position); `hashed` computes the
+    noise of single tokens from (seed, position, token) by a counter-based hash, so that a cut
+    distribution (top-k, top-p) costs a few evaluations instead of a draw over the vocabulary."""
 
     def __init__(self, seed: int):
         self.seed = 0 if _fault == "reused-noise" else int(seed)  # deliberately wrong (tests only): one noise for every seed
 
-    def __call__(self, position: int, vocab: int, device="cpu") -> torch.Tensor:  # -> [vocab]
+    def vector(self, position: int, vocab: int) -> torch.Tensor:  # -> [vocab]
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63 - 1))
         u = torch.rand(vocab, generator=gen).clamp_min_(1e-20)  # (0, 1)
-        return (-torch.log(-torch.log(u))).to(device)
+        return -torch.log(-torch.log(u))
+
+    def hashed(self, position: int, token: int) -> float:
+        key = _splitmix64(_splitmix64(self.seed & _MASK64) ^ (position & _MASK64))
+        bits = _splitmix64(key ^ ((token * 0xD1B54A32D192ED03) & _MASK64))
+        u = ((bits >> 11) + 0.5) / float(1 << 53)  # (0, 1)
+        return -math.log(-math.log(u))
+
+    __call__ = vector
 
 
-def accept_by_position_noise(tree: DraftTree, probs, noise: PositionNoise, position: int, allowed: set[int] | None = None) -> Acceptance:
+def gumbel_argmax(scores: torch.Tensor, noise: PositionNoise, position: int) -> int:
+    """argmax over tokens of scores + Gumbel noise of `position` (scores [vocab], -inf outside the
+    support): an exact sample of softmax(scores)."""
+    finite = torch.isfinite(scores)
+    n = int(finite.sum())
+    if n <= SMALL_SUPPORT:
+        support = finite.nonzero().flatten()
+        return _gumbel_argmax_of(support.tolist(), scores[support].tolist(), noise, position)
+    return int((scores + noise.vector(position, scores.shape[-1]).to(scores.device)).argmax())
+
+
+def _gumbel_argmax_of(tokens: list[int], values: list[float], noise: PositionNoise, position: int) -> int:
+    """`gumbel_argmax` over a small support (at most SMALL_SUPPORT tokens), noise hashed per token."""
+    return max(zip(tokens, values), key=lambda tv: tv[1] + noise.hashed(position, tv[0]))[0]
+
+
+def accept_by_position_noise(tree: DraftTree, scores, noise: PositionNoise, position: int, allowed: set[int] | None = None) -> Acceptance:
     """The deterministic rule with coupled randomness: at the node deciding sequence position t,
     x = argmax(log p + Gumbel noise of t) is an exact sample of p (Gumbel-max); the child holding x
     is accepted, or x is the recovered / bonus token. Child i is then accepted with probability
@@ -225,15 +308,15 @@ def accept_by_position_noise(tree: DraftTree, probs, noise: PositionNoise, posit
     `accept_deterministic`: the same distribution of outcomes. Because x depends only on the seed,
     the position and p, a seed gives the same text whatever the drafter proposed.
 
-    probs: [1 + n_nodes, vocab] (a tensor, or a `RowProbs` that warps the rows it is asked for);
-    position: the sequence index of the token after the root.
+    scores: [1 + n_nodes, vocab], log p up to a constant per row (a tensor such as log-probabilities,
+    or a `RowScores` that warps the rows it is asked for); position: the sequence index of the
+    token after the root.
     """
     children = tree.children(allowed)
     node, path, tokens = ROOT, [], []
     while True:
-        p = probs[node + 1]  # [vocab]
         t = len(path) if _fault == "noise-by-row" else position + len(path)  # the fault: keyed by depth in the step
-        x = int((p.log() + noise(t, p.shape[-1], p.device)).argmax())
+        x = scores.sample(node + 1, noise, t) if isinstance(scores, RowScores) else gumbel_argmax(scores[node + 1].cpu(), noise, t)
         tokens.append(x)
         kids = children[node + 1]
         nxt = next((c for c in kids if tree.tokens[c] == x), None)
@@ -260,7 +343,7 @@ def accept(
     if draft_probs is not None and len(tree):
         return accept_with_draft_probs(tree, target_probs(logits, cfg), draft_probs, generator, allowed)
     if noise is not None:
-        return accept_by_position_noise(tree, RowProbs(logits, cfg), noise, position, allowed)
+        return accept_by_position_noise(tree, RowScores(logits, cfg), noise, position, allowed)
     return accept_deterministic(tree, target_probs(logits, cfg), generator, allowed)
 
 
