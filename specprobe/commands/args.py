@@ -15,7 +15,7 @@ METHOD_FLAGS = {
     "--masks": ("masks", int, "ESP, hybrid: mask rows after each tree node (k; drafts reach depth k)"),
     "--branching": ("branching", int, "ESP, hybrid: K, candidates per depth and children per node"),
     "--budget": ("budget", str, "ESP, PLD, hybrid: tree nodes verified per step, or auto (ESP, hybrid: the size that maximises tokens/s on this machine)"),
-    "--mask-init": ("mask_init", str, "ESP, hybrid: context-mean | ema | vocab-mean | gaussian | token:ID"),
+    "--mask-init": ("mask_init", str, "ESP, hybrid: vocab-mean | context-mean | ema | gaussian | soft-prev | slot-mix | token:ID"),
     "--ema-lambda": ("ema_lambda", float, "ESP: EMA rate for --mask-init ema"),
     "--max-budget": ("max_budget", int, "ESP, hybrid: the largest tree --budget auto considers"),
     "--max-ngram": ("max_ngram", int, "PLD, hybrid: longest suffix searched for"),

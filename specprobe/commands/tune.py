@@ -23,6 +23,15 @@ def run_command(args) -> int:
         if not prompts:
             raise InvalidOptionError(f"--prompt-file {path} holds no prompt")
     grid = candidates(args.mask_inits.split(","), args.masks, args.branching)
+    if args.budget != "auto":  # a fixed tree size: the masks' hit rates compared alone
+        try:
+            budget = int(args.budget)
+        except ValueError:
+            budget = 0
+        if budget < 1:
+            raise InvalidOptionError(f"--budget must be auto or an integer >= 1, got {args.budget!r}")
+        for g in grid:
+            g["budget"] = budget
     lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if any(g["mask_init"] == "token:eos" for g in grid):
         eos = lm.tokenizer.eos_token_id
@@ -57,4 +66,5 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--mask-inits", default="vocab-mean,context-mean,ema,gaussian,token:eos", help="comma-separated mask inits to try")
     p.add_argument("--masks", type=int, nargs="+", default=[1, 2], help="values of k to try (default 1 2)")
     p.add_argument("--branching", type=int, nargs="+", default=[2, 3], help="values of K to try (default 2 3)")
+    p.add_argument("--budget", default="auto", help="tree nodes per step for every setting (default auto: each setting's size from the cost curve; N: hit rates compared at one size)")
     p.set_defaults(func=run_command)
