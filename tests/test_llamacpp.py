@@ -127,6 +127,8 @@ def test_clear_errors(smollm2_cpp):
         specprobe.models.load_draft("truncated:4", smollm2_cpp)
     with pytest.raises(InvalidOptionError, match="unknown llamacpp option"):
         specprobe.load("smollm2-135m", backend="llamacpp", flash=True)
+    with pytest.raises(InvalidOptionError, match="torch drafter"):  # adapting needs the drafter's weights
+        specprobe.generate(smollm2_cpp.model, smollm2_cpp.tokenizer, "hi", method="omnidraft", max_new_tokens=2, draft_model=smollm2_cpp)
 
 
 def _tiny_head():

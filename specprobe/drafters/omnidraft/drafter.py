@@ -180,6 +180,9 @@ class OmniDraftDrafter(Drafter):
         key = ("omnidraft", self.name, tokenizer_signature(self.target_tokenizer), cfg.draft_layers, cfg.adapt_state, cfg.adapt_rank, cfg.adapt_lr)
         if key not in store:
             load = cfg.adapt_state and Path(cfg.adapt_state).is_file()
+            if (self.adapts or load) and not isinstance(self.draft_model, torch.nn.Module):
+                raise InvalidOptionError("omnidraft adapts its drafter's weights (LoRA), which needs a torch drafter: load the draft model with "
+                                         "backend='torch' (the target may stay on llama.cpp), or use omnidraft-frozen")
             distiller = OnlineDistiller(self.draft_model, cfg.distill) if (self.adapts or load) else None
             bridge = _bridge(store, self.draft_tokenizer, self.target_tokenizer)
             draft = session.target.for_model(distiller.draft_model) if distiller else self.draft_backend
