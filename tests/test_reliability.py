@@ -280,11 +280,14 @@ def test_state_survives_a_sigkill_mid_write(tmp_path):
     from specprobe.drafters.omnidraft.vocab_bridge import NGramCache
 
     path = tmp_path / "ngram.json"
-    for delay in (1.5, 2.2, 2.9):
+    for delay in (0.0, 0.3, 0.7):  # after the writer's first whole write: SIGKILL lands mid-write
+        before = path.stat().st_mtime_ns if path.exists() else None
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+        deadline = time.monotonic() + 300  # a loaded machine imports slowly; no timing is asserted
+        while (not path.exists() or path.stat().st_mtime_ns == before) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until this writer has replaced the file once
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if path.exists():
-            assert len(NGramCache.load(path, max_entries=200_000)) >= 150_000  # the old file or the new one, never half of one
-    assert path.exists()
+        assert path.exists()
+        assert len(NGramCache.load(path, max_entries=200_000)) >= 150_000  # the old file or the new one, never half of one

@@ -89,16 +89,19 @@ def accept_length_plot(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def rolling_mean(values: list[float], window: int) -> list[float]:
-    """The mean of each value and the (up to) window - 1 values before it.
+def rolling_mean(values: list[float | None], window: int) -> list[float]:
+    """The mean of each value and the (up to) window - 1 values before it, leaving out None (a
+    question where nothing was proposed); NaN where the window holds no value.
 
     >>> rolling_mean([1.0, 0.0, 1.0, 0.0], 2)
     [1.0, 0.5, 0.5, 0.5]
+    >>> rolling_mean([None, 1.0, None, 0.0], 2)
+    [nan, 1.0, 1.0, 0.0]
     """
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
+    out = []
+    for i in range(len(values)):
+        seen = [v for v in values[max(0, i - window + 1) : i + 1] if v is not None]
+        out.append(sum(seen) / len(seen) if seen else float("nan"))
     return out
 
 
@@ -114,7 +117,8 @@ def acceptance_stream_plot(summary: dict, path: Path) -> None:
         n = max(len(s) for s in stream.values())
         window = max(1, min(20, n // 5))
         for (m, s), color in zip(stream.items(), _colors(len(stream))):
-            ax.plot(range(1, len(s) + 1), rolling_mean(s, window), label=f"{m} (mean per question {sum(s) / len(s):.0%})", color=color)
+            seen = [v for v in s if v is not None]
+            ax.plot(range(1, len(s) + 1), rolling_mean(s, window), label=f"{m} (mean per question {sum(seen) / len(seen):.0%})", color=color)
         ax.set_xlabel("question, in run order")
         ax.set_ylabel(f"acceptance rate, rolling mean of {window}")
         ax.grid(alpha=0.3)

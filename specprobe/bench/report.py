@@ -116,6 +116,13 @@ def identical_reference(method: str, methods, default_backend: str = "torch") ->
     return f"ar@{backend}" if f"ar@{backend}" in methods else None
 
 
+def acceptance_stream(by_method: dict, order: list[str], qids: list) -> dict[str, list[float | None]]:
+    """Per method that proposed drafts, each question's acceptance in run order (None: nothing
+    proposed for that question)."""
+    stream = {m: [cell([by_method[m][q]])["acceptance"] for q in qids] for m in order}
+    return {m: s for m, s in stream.items() if any(v is not None for v in s)}
+
+
 def summarize(records: list[dict], methods: list[str] | None = None, settings: dict | None = None) -> dict:
     """The summary of answer records (see the module docstring); `methods` fixes the row order."""
     models = {r.get("model_id") for r in records} - {None}
@@ -155,8 +162,9 @@ def summarize(records: list[dict], methods: list[str] | None = None, settings: d
         "left_out_questions": len(category_of) - len(qids),
         "accept_length_histogram": histogram,
         "disturbed": disturbed_questions([ar[q] for q in qids]) if ar is not None else [],
-        # per method with observed drafts, each question's acceptance rate in run order (plots.acceptance_stream_plot)
-        "acceptance_stream": {m: s for m in order if None not in (s := [cell([by_method[m][q]])["acceptance"] for q in qids]) and s},
+        # per method with observed drafts, each question's acceptance rate in run order (None: no draft
+        # proposed for that question) (plots.acceptance_stream_plot)
+        "acceptance_stream": acceptance_stream(by_method, order, qids),
     }
 
 
