@@ -245,9 +245,7 @@ class EagleDrafter(Drafter):
         out = step.output
         tree = step.proposal.tree
         if self.auto is not None and len(tree) and len(self.scores) == len(tree):
-            s = self.scores
-            conditional = [x / (s[p] if p >= 0 else 1.0) for x, p in zip(s, tree.parents)]
-            self.auto.observe(conditional, tree.parents, step.acceptance.path)
+            self.auto.observe_scores(self.scores, tree.parents, step.acceptance.path)
         if step.drafts_dropped or out.hidden_states is None:  # the loop dropped the proposal (end of context): no features
             self.broken = True
             return

@@ -231,9 +231,7 @@ class ESPDrafter(Drafter):
         self._update_mask(session, step.emitted)
         tree = step.proposal.tree
         if self.config.budget == "auto" and len(tree):
-            scores = self.scores
-            conditional = [s / (scores[p] if p >= 0 else 1.0) for s, p in zip(scores, tree.parents)]
-            self.auto.observe(conditional, tree.parents, step.acceptance.path)
+            self.auto.observe_scores(self.scores, tree.parents, step.acceptance.path)
         aux = step.proposal.aux
         if step.drafts_dropped or aux is None:  # no mask rows ran this step (the last token, or the end of the context)
             self.depths, self.slot_vectors = [], []

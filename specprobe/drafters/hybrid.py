@@ -269,8 +269,8 @@ class HybridDrafter(Drafter):
         self.first_candidates = []  # (label, first token) of every copied candidate, offered or not
         tree, scores, sources = merge_scored(self._paths(session))
         if not getattr(session.target, "verifies_trees", True):  # a chains-only backend: the best path of the trie
-            chain = tree.main_chain()
-            tree, scores, sources = DraftTree.chain([tree.tokens[i] for i in chain]), [scores[i] for i in chain], [sources[i] for i in chain]
+            tree, chain = tree.main_chain_tree()
+            scores, sources = [scores[i] for i in chain], [sources[i] for i in chain]
         # mask rows follow the root and ESP's nodes only: after a copied (pld/pool) node they would
         # mostly be wasted rows, and rows are what a forward costs on a CPU
         esp_before = [0]

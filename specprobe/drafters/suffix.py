@@ -274,8 +274,8 @@ class SuffixDrafter(Drafter):
         self.source.advance(session.ids)
         tree, scores = self.source.candidates(session.ids, c.max_spec_tokens)
         if not getattr(session.target, "verifies_trees", True):
-            chain = tree.main_chain()
-            tree, scores = DraftTree.chain([tree.tokens[i] for i in chain]), [scores[i] for i in chain]
+            tree, chain = tree.main_chain_tree()
+            scores = [scores[i] for i in chain]
         n = self.auto.size(scores, tree.depths(), rows=lambda n: Layout.rows_of(n)) if self.auto else c.budget
         tree, self.scores = tree.prefix(n), scores[:n]
         return Proposal(tree)
@@ -283,8 +283,7 @@ class SuffixDrafter(Drafter):
     def observe(self, session, step: StepResult) -> None:
         tree = step.proposal.tree
         if self.auto is not None and len(tree):
-            conditional = [s / (self.scores[p] if p >= 0 else 1.0) for s, p in zip(self.scores, tree.parents)]
-            self.auto.observe(conditional, tree.parents, step.acceptance.path)
+            self.auto.observe_scores(self.scores, tree.parents, step.acceptance.path)
 
     def finish(self, session) -> None:
         if self.source.global_outputs is not None:

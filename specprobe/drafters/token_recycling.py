@@ -172,8 +172,8 @@ class TokenRecyclingDrafter(Drafter):
         limit = c.max_budget if self.auto else c.budget
         tree, scores = self.matrix.expand(session.pending[-1], limit, c.max_depth)
         if chains_only:  # the best path only: the first child of each node is its best
-            chain = tree.main_chain()
-            tree, scores = DraftTree.chain([tree.tokens[i] for i in chain]), [scores[i] for i in chain]
+            tree, chain = tree.main_chain_tree()
+            scores = [scores[i] for i in chain]
         if self.auto is not None:
             n = self.auto.size(scores, tree.depths(), rows=lambda n: Layout.rows_of(n))
             tree, scores = tree.prefix(n), scores[:n]
@@ -186,8 +186,7 @@ class TokenRecyclingDrafter(Drafter):
         self.matrix.update([root, *tokens], step.output.logits[rows])
         tree = step.proposal.tree
         if self.auto is not None and len(tree):
-            conditional = [s / (self.scores[p] if p >= 0 else 1.0) for s, p in zip(self.scores, tree.parents)]
-            self.auto.observe(conditional, tree.parents, step.acceptance.path)
+            self.auto.observe_scores(self.scores, tree.parents, step.acceptance.path)
 
     def finish(self, session) -> None:
         if self.config.state_file:

@@ -240,6 +240,10 @@ class AutoBudget:
     def size(self, scores: list[float], depths: list[int], rows: Callable[[int], int]) -> int:
         return self.choose(self.calibrated(scores, depths), rows)
 
+    def observe_scores(self, scores: list[float], parents: list[int], path: list[int]) -> None:
+        """`observe` from path scores (scores[i]: node i's raw path probability, as given to `size`)."""
+        self.observe([s / (scores[p] if p >= 0 else 1.0) for s, p in zip(scores, parents)], parents, path)
+
     def observe(self, conditional: list[float], parents: list[int], path: list[int]) -> None:
         """conditional[i]: node i's probability given its parent (the drafter's raw estimate)."""
         tested = nodes_tested(parents, path)

@@ -68,6 +68,17 @@ class DraftTree:
                 ch[p + 1].append(i)
         return ch
 
+    def main_chain_tree(self) -> tuple["DraftTree", list[int]]:
+        """The main chain as a tree of its own, and the chain's node indices in this tree (to carry
+        per-node values over): what a drafter offers a backend that verifies chains only.
+
+        >>> chain, nodes = DraftTree([5, 6, 7, 8], [-1, -1, 0, 2]).main_chain_tree()
+        >>> chain.tokens, chain.parents, nodes
+        ([5, 7, 8], [-1, 0, 1], [0, 2, 3])
+        """
+        nodes = self.main_chain()
+        return DraftTree.chain([self.tokens[i] for i in nodes]), nodes
+
     def main_chain(self) -> list[int]:
         """The first child of the root, its first child, and so on (a drafter's best path: nodes
         come best first).
