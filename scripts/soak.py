@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="hybrid")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "specprobe", "serve", "--model", args.model, "--method", args.method, "--backend", args.backend,
            "--port", str(port), "--api-key", KEY, "--max-queue", str(4 * args.clients), "--request-timeout", "300"]
+    if args.max_batch is not None:
+        cmd += ["--max-batch", str(args.max_batch)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t_start = time.monotonic()
@@ -243,11 +246,13 @@ def main(argv=None) -> int:
         by_outcome[f"{kind} -> {outcome}"] += n
     report = {
         "minutes": args.minutes, "clients": args.clients, "model": args.model, "method": args.method, "backend": args.backend,
-        "max_tokens": args.max_tokens, "cpu": os.cpu_count(),
+        "max_tokens": args.max_tokens, "max_batch": args.max_batch, "cpu": os.cpu_count(),
         "requests": sum(soak.outcomes.values()),
         "outcomes": dict(sorted(by_outcome.items())),
         "first_token_s": {"n": len(soak.first_token_s), "p50": percentile(soak.first_token_s, 0.5), "p99": percentile(soak.first_token_s, 0.99)},
         "non_stream_reply_s": {"n": len(soak.reply_s), "p50": percentile(soak.reply_s, 0.5), "p99": percentile(soak.reply_s, 0.99)},
+        "aggregate_tokens_per_s": round(metrics.get("specprobe_generated_tokens_total", 0.0) / (60 * args.minutes), 2),
+        "answered_429": sum(n for (kind, outcome), n in soak.outcomes.items() if outcome == "429"),
         "unintended_errors": len(soak.unintended),
         "unintended_examples": soak.unintended[:10],
         "rss_mib_per_minute": [round(r, 1) for r in rss],

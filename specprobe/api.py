@@ -9,7 +9,7 @@ from typing import Callable
 
 from .backends import backend_for
 from .drafters import DEFAULT_METHOD, make_drafter
-from .engine.decode import GenerationResult, decode
+from .engine.decode import Generation, GenerationResult, decode
 from .engine.protocol import Backend
 from .engine.sampling import SamplingConfig
 from .errors import InvalidOptionError
@@ -60,16 +60,37 @@ def generate(
     default, is greedy). Sampled tokens follow the target's own distribution exactly, whatever the
     method (engine/sampling.py); the same seed on the same machine gives the same output.
     """
+    target, prompt_ids, drafter, sampling = _request(model, tokenizer, prompt, method, max_new_tokens, chat, temperature, top_p, top_k, seed, options)
+    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling, tokenizer)
+    return result_of(tokenizer, (ids, stats, stop), prompt_ids, method)
+
+
+def _request(model, tokenizer, prompt, method, max_new_tokens, chat, temperature, top_p, top_k, seed, options):
+    """(target, prompt ids, drafter, sampling) of one request, its options checked."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     sampling = SamplingConfig(temperature, top_p, top_k, seed)
     tuned = tuned_options(model, method)  # `specprobe tune`'s choice for this model, if it ran
     drafter = make_drafter(method, **{**tuned, **{k: v for k, v in options.items() if v is not None}})
-    prompt_ids = format_prompt(tokenizer, prompt, chat)
-    target = target_of(model)
-    ids, stats, stop = decode(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling, tokenizer)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return GenerationResult(text, ids, prompt_ids, stats, stop, method)
+    return target_of(model), format_prompt(tokenizer, prompt, chat), drafter, sampling
+
+
+def new_generation(
+    model, tokenizer, prompt, method: str = DEFAULT_METHOD, max_new_tokens: int = 128, *, chat: bool | None = None,
+    on_tokens: Callable[[list[int]], bool | None] | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+    seed: int | None = None, **options,
+) -> Generation:
+    """`generate`'s request as a `Generation` to step side by side with others (engine/batch.py:
+    `Batcher(target_of(model), max_batch).submit(lambda: new_generation(...))`); its tokens are
+    those `generate` gives. `result_of` turns what it ends with into a GenerationResult."""
+    target, prompt_ids, drafter, sampling = _request(model, tokenizer, prompt, method, max_new_tokens, chat, temperature, top_p, top_k, seed, options)
+    return Generation(target, prompt_ids, drafter, max_new_tokens, eos_token_ids(model, tokenizer), on_tokens, sampling, tokenizer)
+
+
+def result_of(tokenizer, ended: tuple, prompt_ids: list[int], method: str) -> GenerationResult:
+    """A GenerationResult from (new ids, stats, stop reason)."""
+    ids, stats, stop = ended
+    return GenerationResult(tokenizer.decode(ids, skip_special_tokens=True), ids, prompt_ids, stats, stop, method)
 
 
 WARMUP_PROMPT = "Say hello."  # not a benchmark question: a drafter that learns online (omnidraft) must not see one early

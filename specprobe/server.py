@@ -4,8 +4,10 @@
                                                            top_p, top_k, seed, stop, stream)
     GET  /v1/models             GET  /health             GET  /metrics (Prometheus text)
 
-One model in memory serves every client, one generation at a time (the engine's forward uses all
-cores); requests beyond `max_queue` (running + waiting) get 429 with Retry-After. Each generation
+One model in memory serves every client: up to `max_batch` generations side by side, one
+speculative step each per target forward (engine/batch.py: continuous batching; on llama.cpp the
+rows of all of them share one decode), the others waiting in arrival order; requests beyond
+`max_queue` (running + waiting) get 429 with Retry-After. Each generation
 owns its KV cache and drops it when it ends. Responses carry the usual `usage` plus a `specprobe`
 field with the decoding statistics (method, tau, target forwards), which OpenAI clients ignore.
 
@@ -31,6 +33,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .engine.batch import Batcher
 from .errors import SpecProbeError
 
 ROLES = ("system", "user", "assistant")
@@ -159,12 +162,22 @@ class Served:
     max_queue: int = 8
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
-    # every generation runs on this one thread: one at a time, and no per-request thread whose
-    # allocations would scatter over new malloc arenas (resident memory would creep up)
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="specprobe-generate"))
+    max_batch: int = 1  # generations stepped side by side (engine/batch.py); the rest wait in the queue
+    # every generation runs on the batcher's one thread, which owns the model (and no per-request
+    # thread allocates for it, whose allocations would scatter over new malloc arenas)
+    batcher: Batcher | None = None
+    # a request's thread waits here for its generation (one per queued request; they only wait)
+    executor: ThreadPoolExecutor | None = None
     # requests are parsed, templated and tokenized here, off the event loop
     parser: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="specprobe-parse"))
+
+    def __post_init__(self):
+        from .api import target_of
+
+        if self.batcher is None:
+            self.batcher = Batcher(target_of(self.lm.model), self.max_batch)
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.max_queue, thread_name_prefix="specprobe-request")
 
     def admit(self) -> None:
         with self.metrics.lock:
@@ -181,7 +194,7 @@ class Served:
         client went away. A stop string, a cancel or the deadline ends the generation through the
         loop's own stop (the token callback returns True), so the drafter's `finish` runs and the
         statistics count what was generated."""
-        from .api import generate
+        from .api import new_generation
 
         assembler = TextAssembler(self.lm.tokenizer, p.stop)
         ended = {"deadline": False}
@@ -197,23 +210,23 @@ class Served:
                 return True
             return assembler.stopped
 
-        with self.lock:
+        def start():  # on the batcher's thread, when the request's turn comes
             if cancel.is_set():
                 raise Cancelled()
             if time.monotonic() > p.deadline:
                 self.metrics.add(timed_out=1)
                 raise RequestError(408, f"the request waited past its deadline of {self.limits.request_timeout:g} s", code="timeout")
-            t0 = time.perf_counter()
-            result = generate(
+            return new_generation(
                 self.lm.model, self.lm.tokenizer, p.prompt_ids, method=self.method, max_new_tokens=p.max_tokens,
                 on_tokens=on_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, **self.options,
             )
-            elapsed = time.perf_counter() - t0
+
+        _, stats, stop_reason = self.batcher.submit(start).result()
+        elapsed = stats.wall_time
         _release_freed_memory()
         if cancel.is_set() and not assembler.stopped:
             raise Cancelled()
-        stats = result.stats
-        reason = "stop" if result.stop_reason == "eos" or assembler.stopped else "length"
+        reason = "stop" if stop_reason == "eos" or assembler.stopped else "length"
         tail = assembler.rest() if not assembler.stopped else ""
         if tail:
             on_delta(tail)
@@ -440,7 +453,8 @@ def create_app(served: Served):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "method": served.method, "queued": served.metrics.queued}
+        return {"status": "ok", "model": served.name, "method": served.method, "queued": served.metrics.queued,
+                "running": served.batcher.active, "max_batch": served.max_batch}
 
     @app.get("/v1/models")
     async def models():

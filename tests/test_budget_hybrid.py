@@ -63,7 +63,7 @@ def test_gpu_like_and_cpu_like_curves_give_the_expected_sizes():
 
 def test_calibration_rescales_by_depth():
     auto = AutoBudget.__new__(AutoBudget)
-    auto.cost = StepCosts(CostCurve([1, 64], [1.0, 1.0]))
+    auto.step_costs = StepCosts(CostCurve([1, 64], [1.0, 1.0]))
     auto.calibration = Calibration(prior=1.0, weight=1.0)
     auto.observe([0.5, 0.5], parents=[ROOT, 0], path=[])  # tested: node 0 only (node 1's parent failed)
     assert auto.calibration.factor == pytest.approx(1.0 / 1.5)

@@ -25,6 +25,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+AUX_ROW_METHODS = ("esp", "lookahead")  # their drafts come from auxiliary rows (ESP's masks, lookahead's window)
+LLAMACPP_MAX_BATCH = 8  # generations at once on llama.cpp unless told: a KV stream each (memory: 8 contexts' worth)
+
+
+def default_max_batch(backend: str, method: str) -> int:
+    """Generations served side by side unless --max-batch says: on llama.cpp, whose rows of
+    several generations share one decode (nearly free on a memory-bound CPU step), 8 for the
+    methods that batch; on the torch backend 1 (its forwards run one generation at a time, so
+    stepping several side by side would only share the machine between them)."""
+    from ..drafters import DRAFT_MODEL_METHODS
+
+    if backend == "llamacpp" and method not in AUX_ROW_METHODS and method not in DRAFT_MODEL_METHODS:
+        return LLAMACPP_MAX_BATCH
+    return 1
+
+
 def run_command(args) -> int:
     from ..drafters import DRAFT_MODEL_METHODS, make_drafter
     from ..models import load, load_draft
@@ -37,6 +53,13 @@ def run_command(args) -> int:
         raise InvalidOptionError('specprobe serve needs FastAPI and uvicorn: pip install "specprobe[serve]"') from None
     if args.max_queue < 1:
         raise InvalidOptionError("--max-queue must be >= 1")
+    max_batch = args.max_batch if args.max_batch is not None else default_max_batch(args.backend, args.method)
+    if max_batch < 1:
+        raise InvalidOptionError("--max-batch must be >= 1")
+    if max_batch > 1 and args.method in DRAFT_MODEL_METHODS:
+        raise InvalidOptionError(f"--method {args.method} serves one generation at a time (its draft model is shared): use --max-batch 1")
+    if max_batch > 1 and args.backend == "llamacpp" and args.method in AUX_ROW_METHODS:
+        raise InvalidOptionError(f"--method {args.method} drafts from mask rows, which llama.cpp runs for one generation at a time: use --max-batch 1, or a method such as hybrid, suffix, pld")
     if not 0 < args.port < 65536:
         raise InvalidOptionError(f"--port must be in 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("SPECPROBE_API_KEY") or None
@@ -53,19 +76,20 @@ def run_command(args) -> int:
             raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
     else:
         make_drafter(args.method, **options)  # bad options fail before the model loads
-    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    streams = {"streams": max_batch} if args.backend == "llamacpp" and max_batch > 1 else {}  # a KV stream per generation
+    lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend, **streams)
     if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
         make_drafter(args.method, **options)
     from ..api import prepare
 
     prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})  # no client waits for one-time work
-    served = Served(lm, args.served_name or args.model, args.method, options, args.max_queue, limits)
+    served = Served(lm, args.served_name or args.model, args.method, options, max(args.max_queue, max_batch), limits, max_batch=max_batch)
     import uvicorn
 
     access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
         "no API key: loopback only" if is_loopback(args.host) else "no API key, open to the network (--insecure-no-auth)")
-    print(f"specprobe serve: {served.name} ({args.method}) on http://{args.host}:{args.port}/v1; {access}", flush=True)
+    print(f"specprobe serve: {served.name} ({args.method}, {max_batch} at once) on http://{args.host}:{args.port}/v1; {access}", flush=True)
     if api_key is None and not is_loopback(args.host):
         print("specprobe serve: WARNING: anyone who can reach this port can generate", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
@@ -82,7 +106,9 @@ def add_parser(sub, add_model_args, add_method_args) -> None:
     p.add_argument("--draft-model", help="draft model for draft, omnidraft and omnidraft-frozen: a model name, or truncated:N")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 429 (default 8)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests running or waiting before 429 (default 32; at least --max-batch)")
+    p.add_argument("--max-batch", type=int, help=f"generations served side by side, one speculative step each per forward "
+                   f"(default: {LLAMACPP_MAX_BATCH} on --backend llamacpp, a KV stream each; 1 on torch)")
     p.add_argument("--served-name", help="the model name clients use (default: --model)")
     p.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: $SPECPROBE_API_KEY; none: loopback only)")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")

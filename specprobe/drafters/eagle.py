@@ -120,7 +120,7 @@ class EagleDrafter(Drafter):
         self.new_features: torch.Tensor | None = None  # [m, 3h] of positions not yet in the head's cache
         self.last_high: torch.Tensor | None = None  # [h]: top feature of the last position with features
         self.plan_features: torch.Tensor | None = None  # [k, 3h]: contemplate rows after the last accepted node
-        self.auto = AutoBudget(self.target, kind=self.name) if self.config.budget == "auto" else None
+        self.auto = AutoBudget(self.target, kind=self.name, session=session) if self.config.budget == "auto" else None
         self.lm_head = prepared.lm_head
         self.broken = False
 

@@ -169,7 +169,7 @@ class ESPDrafter(Drafter):
         self.depths: list[DepthCandidates] = []
         self.slot_vectors: list[torch.Tensor] = []  # slot-mix: the expected embedding of depth i + 1's token [hidden]
         if self.config.budget == "auto":
-            self.auto = AutoBudget(session.target, kind=self.name)
+            self.auto = AutoBudget(session.target, kind=self.name, session=session)
         prompt = session.target.embed(session.ids).float()  # [prompt_len, hidden]
         self.sum = prompt.sum(0)
         self.count = prompt.shape[0]

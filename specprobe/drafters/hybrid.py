@@ -205,7 +205,7 @@ class HybridDrafter(Drafter):
         self.pool.add_text(session.ids)
         self.pooled_upto = max(0, len(session.ids) - c.ngram + 1)
         self.rates = SourceRates()
-        self.auto = AutoBudget(session.target, kind=self.name) if c.budget == "auto" else None
+        self.auto = AutoBudget(session.target, kind=self.name, session=session) if c.budget == "auto" else None
         self.esp_depths_before = []
         self.copy_mode = False
         self.esp_gain = ESP_GAIN_PRIOR  # tokens ESP's candidates add per step beyond the copying sources (running mean)
@@ -276,8 +276,8 @@ class HybridDrafter(Drafter):
         esp_before = [0]
         for src in sources:
             esp_before.append(esp_before[-1] + ("esp" in src))
-        masks = True
-        if self.auto is not None:
+        masks = getattr(session.target, "runs_aux_rows", True)  # llama.cpp with streams of their own runs no mask rows
+        if self.auto is not None and masks:
             # ESP's mask rows cost rows in this forward and pay next step (its candidates): where a
             # row costs much (a steep cost curve) and ESP's candidates add little, run without them
             plans = {"masks": (lambda n: Layout.rows_of(n, c.masks * (1 + esp_before[n])), self.esp_gain),
@@ -289,6 +289,8 @@ class HybridDrafter(Drafter):
             masks = plan == "masks" or (self.steps_bare >= EXPLORE_EVERY and worth_a_look)
             if masks:
                 self.steps_bare = 0
+        elif self.auto is not None:
+            n = self.auto.choose(scores[: c.max_budget], lambda n: Layout.rows_of(n))
         else:
             n = c.budget
         tree, self.sources = tree.prefix(n), sources[:n]

@@ -266,7 +266,7 @@ class SuffixDrafter(Drafter):
         if c.max_cached_requests and key not in state:
             state[key] = GlobalOutputs(c.max_tree_depth, c.max_cached_requests)
         self.source = SuffixSource(c, session, state.get(key))
-        self.auto = AutoBudget(session.target, kind=self.name) if c.budget == "auto" else None
+        self.auto = AutoBudget(session.target, kind=self.name, session=session) if c.budget == "auto" else None
         self.scores: list[float] = []
 
     def propose(self, session) -> Proposal:

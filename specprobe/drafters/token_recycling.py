@@ -163,7 +163,7 @@ class TokenRecyclingDrafter(Drafter):
         if c.k > session.target.vocab_size:
             raise InvalidOptionError(f"token-recycling option k ({c.k}) exceeds the vocabulary size ({session.target.vocab_size})")
         self.matrix = shared_matrix(session.target, self.name, c.k, c.state_file)
-        self.auto = AutoBudget(session.target, kind=self.name) if c.budget == "auto" else None
+        self.auto = AutoBudget(session.target, kind=self.name, session=session) if c.budget == "auto" else None
         self.scores: list[float] = []
 
     def propose(self, session) -> Proposal:

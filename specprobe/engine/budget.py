@@ -57,15 +57,18 @@ class CostCurve:
         return t0 + (t1 - t0) * (q - q0) / (q1 - q0)
 
 
-def best_size(scores: list[float], rows: Callable[[int], int], cost: Callable[[int], float]) -> int:
-    """The n in 0..len(scores) maximising (1 + sum(scores[:n])) / cost(rows(n)).
+def best_size(scores: list[float], rows: Callable[[int], int], cost: Callable[[int], float], beside: float = 0.0) -> int:
+    """The n in 0..len(scores) maximising (1 + beside + sum(scores[:n])) / cost(rows(n)), where
+    `beside` is what other generations sharing the forward emit (0 alone; see engine/batch.py).
 
     Example: a flat cost up to 4 rows, then doubling; with one pending row and no auxiliary rows:
     >>> cost = CostCurve([1, 4, 8], [1.0, 1.0, 2.0])
     >>> best_size([0.9, 0.5, 0.3, 0.2, 0.1], rows=lambda n: 1 + n, cost=cost)
     3
+    >>> best_size([0.9, 0.5, 0.3, 0.2, 0.1], rows=lambda n: 13 + n, cost=cost, beside=12.0)  # 12 others, 1 row each
+    0
     """
-    best_n, best_rate, expected = 0, 1.0 / cost(rows(0)), 1.0
+    best_n, best_rate, expected = 0, (1.0 + beside) / cost(rows(0)), 1.0 + beside
     for n, s in enumerate(scores, start=1):
         expected += s
         rate = expected / cost(rows(n))
@@ -74,7 +77,7 @@ def best_size(scores: list[float], rows: Callable[[int], int], cost: Callable[[i
     return best_n
 
 
-def best_plan(scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]], cost: Callable[[int], float]) -> tuple[str, int]:
+def best_plan(scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]], cost: Callable[[int], float], beside: float = 0.0) -> tuple[str, int]:
     """The plan and n maximising (1 + sum(scores[:n]) + bonus) / cost(rows(n)) over every plan
     {name: (rows, bonus)}: ways of running the same best-first nodes with other auxiliary rows,
     a bonus being what a plan's extra rows are expected to add (in tokens) beyond this step's nodes.
@@ -90,7 +93,7 @@ def best_plan(scores: list[float], plans: dict[str, tuple[Callable[[int], int], 
     """
     best = ("", 0, -1.0)
     for name, (rows, bonus) in plans.items():
-        expected = 1.0 + bonus
+        expected = 1.0 + beside + bonus
         candidates = [(0, expected / cost(rows(0)))]
         for n, s in enumerate(scores, start=1):
             expected += s
@@ -203,13 +206,30 @@ class AutoBudget:
     chosen last (forward, acceptance, drafting), and feeds it to the step costs.
     """
 
-    def __init__(self, target, prior: float = 1.0, kind: str = "default"):
+    def __init__(self, target, prior: float = 1.0, kind: str = "default", session=None):
         """target: the Backend whose measured cost curve prices each tree; kind: the drafter's
-        name, under which the corrected step costs are kept across requests."""
-        self.cost = step_costs(target, kind)
+        name, under which the corrected step costs are kept across requests; session: the
+        generation's (decode.Session), whose `rows_beside` (rows other generations add to a
+        shared forward) every tree is priced after: a full batch drafts less, one request alone
+        exactly as without it."""
+        self.step_costs = step_costs(target, kind)
+        self.session = session
         self.calibration = Calibration(prior)
         self._last: tuple[float, int] | None = None  # (time of the last choice, its rows)
         self._calls = 0
+
+    def cost(self, q: int) -> float:
+        """Seconds of a step in which this generation runs q rows (and the others theirs)."""
+        return self.step_costs(q + self.beside())
+
+    def beside(self) -> int:
+        """Rows the other generations of a shared forward run (0 alone)."""
+        return getattr(self.session, "rows_beside", 0) if self.session is not None else 0
+
+    def tokens_beside(self) -> float:
+        """Tokens the other generations of a shared forward emit per step (0 alone): a tree that
+        slows the forward delays theirs too."""
+        return getattr(self.session, "tokens_beside", 0.0) if self.session is not None else 0.0
 
     def calibrated(self, scores: list[float], depths: list[int]) -> list[float]:
         """Scores (path probabilities) times factor^depth: each conditional probability rescaled."""
@@ -220,21 +240,21 @@ class AutoBudget:
         now = time.perf_counter()
         self._calls += 1
         if self._last is not None and self._calls > 2:  # the 1st interval holds the prompt's prefill
-            self.cost.observe(self._last[1], now - self._last[0])
+            self.step_costs.observe(self._last[1], now - self._last[0])
         return now
 
     def choose(self, scores: list[float], rows: Callable[[int], int]) -> int:
         """The number of (already calibrated) best-first nodes to verify this step."""
         now = self._time_last_step()
-        n = best_size(scores, rows, self.cost)
-        self._last = (now, rows(n))
+        n = best_size(scores, rows, self.cost, self.tokens_beside())
+        self._last = (now, self.beside() + rows(n))
         return n
 
     def choose_plan(self, scores: list[float], plans: dict[str, tuple[Callable[[int], int], float]]) -> tuple[str, int]:
         """`choose` over several plans (best_plan): the plan and the number of nodes."""
         now = self._time_last_step()
-        name, n = best_plan(scores, plans, self.cost)
-        self._last = (now, plans[name][0](n))
+        name, n = best_plan(scores, plans, self.cost, self.tokens_beside())
+        self._last = (now, self.beside() + plans[name][0](n))
         return name, n
 
     def size(self, scores: list[float], depths: list[int], rows: Callable[[int], int]) -> int:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..errors import PromptTooLongError
-from .protocol import Backend, Drafter, Proposal, StepResult
+from .protocol import Backend, Drafter, ForwardRequest, Proposal, StepResult, VerifyOutput
 from .sampling import PositionNoise, SamplingConfig, accept
 from .tree import Layout
 
@@ -101,6 +101,10 @@ class Session:
         self.pending: list[int] = list(prompt_ids)  # committed but not yet in the cache
         self.cache = target.new_cache()
         self.max_new_tokens = max_new_tokens
+        # what the other generations of a shared forward ran and emitted last step (engine/batch.py):
+        # the budget prices this one's tree after their rows and counts their tokens (0 alone)
+        self.rows_beside = 0
+        self.tokens_beside = 0.0
 
     @property
     def generated(self) -> list[int]:
@@ -126,6 +130,105 @@ def cut_at_stop(tokens: list[int], remaining: int, room: int, eos_ids: set[int])
     return tokens, False
 
 
+class Generation:
+    """One request in the loop, one step at a time: `plan` (propose) before each target forward,
+    `advance` (accept, commit, observe) after it. `decode` runs one generation to its end;
+    engine/batch.py steps several side by side, their forwards together."""
+
+    def __init__(self, target: Backend, prompt_ids: list[int], drafter: Drafter, max_new_tokens: int, eos_ids: set[int],
+                 on_tokens: Callable[[list[int]], bool | None] | None = None, sampling: SamplingConfig | None = None, tokenizer=None):
+        if not prompt_ids:
+            raise PromptTooLongError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= target.max_length:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_length} tokens"
+            )
+        self.target, self.drafter, self.eos_ids, self.on_tokens = target, drafter, eos_ids, on_tokens
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.session = Session(target, prompt_ids, max_new_tokens, sampling, tokenizer)
+        self.stop: str | None = None  # set when the generation is over
+        self.step_rows = 0  # rows of the last step's forward (what it adds to a shared forward)
+        self.step_tokens = 0  # tokens the last step emitted
+        self._proposal: Proposal | None = None
+        self._t_start = time.perf_counter()
+        try:
+            target.observe_tokens(prompt_ids)  # what the backend learns across requests (its reduced draft vocabulary)
+            drafter.start(self.session)
+        except BaseException:
+            target.release(self.session.cache)
+            raise
+        self.stats.draft_time += time.perf_counter() - self._t_start
+
+    def plan(self) -> ForwardRequest | None:
+        """Step 1, propose: this step's forward, or None when the generation is over (length, context)."""
+        s, target = self.session, self.target
+        remaining = s.max_new_tokens - len(s.generated)
+        if self.stop is None and remaining <= 0:
+            self.stop = "length"
+        elif self.stop is None and len(s.ids) >= target.max_length:
+            self.stop = "context"
+        if self.stop is not None:
+            return None
+        t0 = time.perf_counter()
+        proposal = self.drafter.propose(s) if remaining > 1 else Proposal()  # nothing to verify for the last token
+        self._dropped = remaining <= 1
+        self._past = s.cache_len
+        self._n_pending = len(s.pending)
+        if self._past + Layout.of(self._n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
+            proposal, self._dropped = Proposal(), True  # no room for drafts near the end of the context
+        self._proposal = proposal
+        self._t_planned = time.perf_counter()
+        self.stats.draft_time += self._t_planned - t0
+        return ForwardRequest(s.cache, s.pending, proposal.tree, proposal.aux, proposal.needs_hidden_states)
+
+    def advance(self, out: VerifyOutput) -> None:
+        """Steps 3 and 4, accept and commit, after the forward `plan` asked for (`out`)."""
+        s, target, proposal = self.session, self.target, self._proposal
+        remaining = s.max_new_tokens - len(s.generated)
+        allowed = None if target.verifies_trees else set(proposal.tree.main_chain())  # a chains-only backend verified that path
+        acceptance = accept(proposal.tree, out.logits, s.sampling, s.generator, proposal.draft_probs, s.noise, len(s.ids), allowed)
+        target.commit(s.cache, self._past, out.layout.kept_rows(acceptance.path))
+        t2 = time.perf_counter()
+        emitted, eos = cut_at_stop(acceptance.tokens, remaining, target.max_length - len(s.ids), self.eos_ids)
+        s.ids.extend(emitted)
+        target.observe_tokens(emitted)
+        s.pending = [acceptance.bonus]
+        self.drafter.observe(s, StepResult(proposal, out, acceptance, emitted, self._dropped))
+        t3 = time.perf_counter()
+
+        stats = self.stats
+        stats.target_forwards += 1
+        stats.accept_lengths.append(len(emitted))
+        stats.draft_sizes.append(len(proposal.tree))
+        self.step_rows = out.layout.n_rows - (self._n_pending - 1)
+        stats.step_rows.append(self.step_rows)
+        self.step_tokens = len(emitted)
+        stats.draft_time += t3 - t2
+        stats.verify_time += t2 - self._t_planned  # a shared forward counts whole for each of its generations
+        stopped = bool(self.on_tokens is not None and emitted and self.on_tokens(emitted))
+        if eos:
+            self.stop = "eos"
+        elif stopped:
+            self.stop = "stop"
+
+    def finish(self) -> tuple[list[int], GenerationStats, str]:
+        """The drafter's `finish` (after a stop), the cache released; (new ids, stats, stop reason)."""
+        try:
+            if self.stop is not None:
+                t0 = time.perf_counter()
+                self.drafter.finish(self.session)  # e.g. omnidraft's online distillation: its time counts in the request's wall time
+                self.stats.adapt_time = time.perf_counter() - t0
+        finally:
+            self.close()
+        self.stats.new_tokens = len(self.session.generated)
+        self.stats.wall_time = time.perf_counter() - self._t_start
+        return self.session.generated, self.stats, self.stop
+
+    def close(self) -> None:
+        """Free the cache (also when the generation ends in an error)."""
+        self.target.release(self.session.cache)
+
+
 @torch.inference_mode()
 def decode(
     target: Backend,
@@ -142,70 +245,14 @@ def decode(
     on_tokens(ids): called with each step's committed tokens; returning True ends the generation
     there (stop reason "stop"). sampling: temperature / top-k / top-p / seed (default: greedy).
     tokenizer: the target's, for drafters that read text (Session.tokenizer)."""
-    if not prompt_ids:
-        raise PromptTooLongError("the prompt is empty: give at least one token")
-    if len(prompt_ids) >= target.max_length:
-        raise PromptTooLongError(
-            f"the prompt has {len(prompt_ids)} tokens; the model's context is {target.max_length} tokens"
-        )
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    session = Session(target, prompt_ids, max_new_tokens, sampling, tokenizer)
-    target.observe_tokens(prompt_ids)  # what the backend learns across requests (its reduced draft vocabulary)
-    t_start = time.perf_counter()
+    gen = Generation(target, prompt_ids, drafter, max_new_tokens, eos_ids, on_tokens, sampling, tokenizer)
     try:
-        drafter.start(session)
-        stats.draft_time += time.perf_counter() - t_start
-        stop = _loop(session, drafter, eos_ids, on_tokens, stats)
-        t0 = time.perf_counter()
-        drafter.finish(session)  # e.g. omnidraft's online distillation: its time counts in the request's wall time
-        stats.adapt_time = time.perf_counter() - t0
-    finally:
-        target.release(session.cache)
-    stats.new_tokens = len(session.generated)
-    stats.wall_time = time.perf_counter() - t_start
-    return session.generated, stats, stop
-
-
-def _loop(session: Session, drafter: Drafter, eos_ids: set[int], on_tokens, stats: GenerationStats) -> str:
-    """Steps until a stop; returns the stop reason."""
-    target = session.target
-    while True:
-        remaining = session.max_new_tokens - len(session.generated)
-        if remaining <= 0:
-            return "length"
-        if len(session.ids) >= target.max_length:
-            return "context"
-        t0 = time.perf_counter()
-        # 1. propose (nothing to verify for the last token)
-        proposal = drafter.propose(session) if remaining > 1 else Proposal()
-        t1 = time.perf_counter()
-        past = session.cache_len
-        n_pending = len(session.pending)
-        dropped = remaining <= 1
-        if past + Layout.of(n_pending, proposal.tree, proposal.aux).n_rows > target.max_length:
-            proposal, dropped = Proposal(), True  # no room for drafts near the end of the context
-        # 2. verify, 3. accept
-        out = target.forward(session.cache, session.pending, proposal.tree, proposal.aux, proposal.needs_hidden_states)
-        allowed = None if target.verifies_trees else set(proposal.tree.main_chain())  # a chains-only backend verified that path
-        acceptance = accept(proposal.tree, out.logits, session.sampling, session.generator, proposal.draft_probs, session.noise, len(session.ids), allowed)
-        # 4. commit
-        target.commit(session.cache, past, out.layout.kept_rows(acceptance.path))
-        t2 = time.perf_counter()
-        emitted, eos = cut_at_stop(acceptance.tokens, remaining, target.max_length - len(session.ids), eos_ids)
-        session.ids.extend(emitted)
-        target.observe_tokens(emitted)
-        session.pending = [acceptance.bonus]
-        drafter.observe(session, StepResult(proposal, out, acceptance, emitted, dropped))
-        t3 = time.perf_counter()
-
-        stats.target_forwards += 1
-        stats.accept_lengths.append(len(emitted))
-        stats.draft_sizes.append(len(proposal.tree))
-        stats.step_rows.append(out.layout.n_rows - (n_pending - 1))
-        stats.draft_time += (t1 - t0) + (t3 - t2)
-        stats.verify_time += t2 - t1
-        stopped = bool(on_tokens is not None and emitted and on_tokens(emitted))
-        if eos:
-            return "eos"
-        if stopped:
-            return "stop"
+        while (request := gen.plan()) is not None:  # 1. propose
+            out = target.forward(request.cache, request.pending, request.tree, request.aux, request.output_hidden_states)  # 2. verify
+            gen.advance(out)  # 3. accept, 4. commit
+            if gen.stop is not None:
+                break
+    except BaseException:
+        gen.close()
+        raise
+    return gen.finish()

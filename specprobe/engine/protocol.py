@@ -19,7 +19,10 @@ A drafter never changes which tokens are emitted: the verifier decides that. The
 A backend is one way of running the target model (backends/torch: a Hugging Face module in
 PyTorch; backends/llamacpp: a GGUF file on llama.cpp). The engine talks to the target only
 through it: the KV cache is the backend's own object, which the engine creates, passes back and
-releases but never looks into.
+releases but never looks into. Several generations may hold caches at once (batched serving,
+engine/batch.py); a backend may then run their forwards together through an optional
+`forward_many(list[ForwardRequest]) -> list[VerifyOutput]`, which must give each request exactly
+what `forward` gives it alone, and may limit how many caches are open at once (`streams`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,26 @@ class VerifyOutput:
     aux_logits: torch.Tensor | None  # [n_aux, vocab] or None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, [1, q, hidden], when asked
     layout: Layout | None = None
+
+
+@dataclass
+class ForwardRequest:
+    """The arguments of one `Backend.forward`, for a backend that runs several at once."""
+
+    cache: Any
+    pending: list[int]
+    tree: DraftTree
+    aux: AuxRows | None = None
+    output_hidden_states: bool = False
+
+
+def forward_all(backend, requests: list[ForwardRequest]) -> list[VerifyOutput]:
+    """One forward per request: together where the backend offers `forward_many` (llama.cpp with
+    several streams), else one after another."""
+    many = getattr(backend, "forward_many", None)
+    if many is not None and len(requests) > 1:
+        return many(requests)
+    return [backend.forward(r.cache, r.pending, r.tree, r.aux, r.output_hidden_states) for r in requests]
 
 
 @runtime_checkable

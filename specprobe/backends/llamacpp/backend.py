@@ -13,6 +13,14 @@ A forward with auxiliary rows (ESP's masks, lookahead's window) is a batch of em
 of the de-quantised embedding table, which gives llama.cpp's own token input exactly.
 
 Prompts longer than a batch go in llama.cpp's batch size (512), as llama-cpp-python feeds them.
+
+With `streams` > 1 (batched serving, engine/batch.py) every generation has a KV stream of its own
+(llama.cpp's non-unified cache, its server's slots) and `forward_many` runs the roots and chains of
+all of them in shared decodes: a row's logits are then bit-identical to its generation running
+alone (measured: a stream's cells sit where they would alone; interleaved cells in one shared
+store changed logits by up to 1.1). Branch sequences cannot span streams, so this mode runs no
+auxiliary rows (ESP's masks, lookahead's window): their logits are zeros, and the hybrid drafts
+without them (`runs_aux_rows`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 import torch
 
 from ...engine.cost_curve import CURVE_Q, forward_times
-from ...engine.protocol import VerifyOutput
+from ...engine.protocol import ForwardRequest, VerifyOutput
 from ...engine.tree import AuxRows, DraftTree, Layout, rows_structure
 from ...errors import InvalidOptionError
 from ...store import atomic_write, cache_root
@@ -116,7 +124,10 @@ class LlamaCppBackend:
         self.max_length = model.max_length
         self._ctx = model.context
         self._memory = model.memory
-        self._free = list(range(N_SEQ_MAX - 1, -1, -1))  # sequence ids, caches' and branches' alike
+        self.streams = model.streams  # generations that may be open at once (1: any number, one after another)
+        self.runs_aux_rows = self.streams == 1  # mask rows need branch sequences, which a stream of its own cannot share
+        # sequence ids, caches' and branches' alike (with streams: one per stream, no branches)
+        self._free = list(range((N_SEQ_MAX if self.streams == 1 else self.streams) - 1, -1, -1))
         self._tokens = _Batch(N_BATCH)
         self._embeds: _Batch | None = None
         self._cost_curve: dict[int, float] | None = None
@@ -141,6 +152,8 @@ class LlamaCppBackend:
     # -- sequences ------------------------------------------------------------------------------
     def _take(self, n: int) -> list[int]:
         if n > len(self._free):
+            if self.streams > 1:
+                raise RuntimeError(f"all {self.streams} streams of this llama.cpp context are in use: release a generation first")
             raise RuntimeError(f"llama.cpp context out of sequences ({N_SEQ_MAX}): a tree of {n} branches does not fit")
         return [self._free.pop() for _ in range(n)]
 
@@ -160,13 +173,12 @@ class LlamaCppBackend:
                 self.cost_curve()
             finally:
                 self._measuring = False
-        self._alive = 0  # caches not yet released
-        if not self._alive:
+        if not self._alive and self.streams == 1:
             # an empty context starts over at its first cell: where a generation's cells sit must
             # not depend on what ran before (llama.cpp's sums run in cell order)
             llama().llama_memory_clear(self._memory, True)
         (seq,) = self._take(1)
-        llama().llama_memory_seq_rm(self._memory, seq, -1, -1)
+        llama().llama_memory_seq_rm(self._memory, seq, -1, -1)  # a stream emptied starts over at its first cell
         self._alive += 1
         return LlamaCppCache(seq)
 
@@ -245,10 +257,9 @@ class LlamaCppBackend:
         if open_ is not None and open_.branches:
             raise RuntimeError("commit the last verification forward before the next one")
         past = open_.past if open_ is not None else cache.length
-        chain, kept_aux = self.verified_part(tree, aux)
+        chain, kept_aux = self.verified_part(tree, aux if self.runs_aux_rows else None)
         root_apart = len(pending) > 1 or not (chain or kept_aux)
         root_logits = self._feed_tokens(cache, pending, logits_of_last=True) if root_apart else None
-        n_real = 1 + len(tree)
         if root_apart and not (chain or kept_aux):  # plain decoding
             cache.open = _Open(past, cache.length - 1 - past, [cache.length - 1], [cache.seq], [], cache.length - past, None)
             return VerifyOutput(torch.cat([root_logits, torch.zeros(len(tree), self.vocab_size)]), None if aux is None or not len(aux) else torch.zeros(len(aux), self.vocab_size), None, layout)
@@ -295,7 +306,12 @@ class LlamaCppBackend:
         rows = torch.cat(pieces)  # [1 + chain + kept aux, vocab]: the root onward
         cache.length = root_pos + 1 + len(chain)  # the root and the chain are on the generation's sequence
         cache.open = _Open(past, root_pos - past, positions, [s[0] for s in seqs], branches, root_pos + 1 - past, chain)
-        logits = torch.zeros(n_real, self.vocab_size)  # [1 + n, vocab]
+        return self._output(rows, tree, aux, chain, kept_aux, layout)
+
+    def _output(self, rows: torch.Tensor, tree: DraftTree, aux: AuxRows | None, chain: list[int], kept_aux: list[int], layout: Layout) -> VerifyOutput:
+        """The VerifyOutput of the rows computed (the root, the chain, the kept auxiliary rows):
+        the other rows' logits are zeros."""
+        logits = torch.zeros(1 + len(tree), self.vocab_size)  # [1 + n, vocab]
         logits[0] = rows[0]
         if chain:
             logits[[1 + n for n in chain]] = rows[1 : 1 + len(chain)]
@@ -305,6 +321,50 @@ class LlamaCppBackend:
             if kept_aux:
                 aux_logits[kept_aux] = rows[1 + len(chain) :]
         return VerifyOutput(logits, aux_logits, None, layout)
+
+    @torch.inference_mode()
+    def forward_many(self, requests: list[ForwardRequest]) -> list[VerifyOutput]:
+        """One forward per request, with the rows of every request that has one pending token and
+        no auxiliary rows run side by side: each stream's root and main chain, in batches of at
+        most `max_rows()` rows (the most that keeps every row's logits bit-identical to a one-row
+        decode), each row on its own stream's sequence. Every row then computes exactly what it
+        computes when its generation runs alone. A request with a prompt to feed (several pending
+        tokens) or with auxiliary rows runs alone, as `forward` runs it."""
+        outputs: list[VerifyOutput | None] = [None] * len(requests)
+        shared: list[tuple[int, int, list[int]]] = []  # (request, root position, chain)
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[list[int]] = []
+        for i, r in enumerate(requests):
+            chain, kept_aux = self.verified_part(r.tree, r.aux if self.runs_aux_rows else None)
+            if self.streams == 1 or len(r.pending) != 1 or kept_aux or r.cache.open is not None:
+                outputs[i] = self.forward(r.cache, r.pending, r.tree, r.aux, r.output_hidden_states)
+                continue
+            if r.output_hidden_states:
+                raise InvalidOptionError("the llamacpp backend exposes no hidden states (methods eagle and confu need the torch backend)")
+            root_pos = r.cache.length
+            shared.append((i, root_pos, chain))
+            tokens += [r.pending[0], *(r.tree.tokens[n] for n in chain)]
+            positions += range(root_pos, root_pos + 1 + len(chain))
+            seqs += [[r.cache.seq]] * (1 + len(chain))
+        if shared:
+            pieces = []
+            step = self.max_rows()
+            for lo in range(0, len(tokens), step):
+                hi = min(len(tokens), lo + step)
+                self._tokens.token[: hi - lo] = tokens[lo:hi]
+                self._tokens.fill(positions[lo:hi], seqs[lo:hi], 0)
+                pieces.append(self._decode(self._tokens, hi - lo))
+            rows = torch.cat(pieces)  # [all requests' roots and chains, vocab]
+            at = 0
+            for i, root_pos, chain in shared:
+                r = requests[i]
+                n = 1 + len(chain)
+                r.cache.length = root_pos + n
+                r.cache.open = _Open(root_pos, 0, list(range(root_pos, root_pos + n)), [r.cache.seq] * n, [], 1, chain)
+                outputs[i] = self._output(rows[at : at + n], r.tree, r.aux, chain, [], Layout.of(1, r.tree, r.aux))
+                at += n
+        return outputs
 
     def commit(self, cache: LlamaCppCache, past: int, rows: list[int]) -> None:
         """Keep [0, past) and `rows` (counted from `past`): a prefix of the pending rows and the

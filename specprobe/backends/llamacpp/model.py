@@ -1,7 +1,7 @@
 """A GGUF file loaded on llama.cpp: the object `specprobe.load(name, backend="llamacpp").model` is.
 
 It owns llama.cpp's model and one context (its KV cache: every generation on this model is a
-sequence in it) and knows what the engine asks of a model: its vocabulary, context length, the
+sequence in it; with `streams` > 1, a stream of its own, for generations served side by side) and knows what the engine asks of a model: its vocabulary, context length, the
 tokens that end a generation (llama.cpp's end-of-generation set), and its input-embedding table,
 de-quantised from the GGUF file with `gguf` when first needed (ESP's mask rows and lookahead's
 window rows are embedding rows). Gemma-family models scale token embeddings by sqrt(n_embd)
@@ -27,6 +27,7 @@ DEFAULT_CONTEXT = 4096  # tokens a generation may hold (prompt + output), unless
 TREE_HEADROOM = 1024  # KV cells beyond the context for the rows of a verification forward (and a second cache)
 N_BATCH = 512  # llama.cpp's (and llama-cpp-python's) default batch: prompts are decoded in chunks of this
 N_SEQ_MAX = 256  # sequences per context: llama.cpp's limit
+STREAM_HEADROOM = 256  # KV cells per stream beyond the context (a stream's rows never pass the context: the loop drops drafts first)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LlamaCppSettings:
     extra_bufts: bool = False  # llama.cpp's weight repacking (faster kernels for some types; off: rows stay batch-invariant)
     flash_attention: bool = False  # llama.cpp's default (its CPU kernel's sums differ with the batch)
     kv_float32: bool = False  # llama.cpp's default float16 KV cache (float32: another numerical path, not llama.cpp's)
+    streams: int = 1  # >1: that many generations at once, each in a KV store of its own (batched serving; see below)
 
 
 class LlamaCppModel:
@@ -62,12 +64,24 @@ class LlamaCppModel:
         trained = int(L.llama_model_n_ctx_train(self._model)) or DEFAULT_CONTEXT
         self.max_length = min(trained, self.settings.context)
         self.threads = self.settings.threads or torch.get_num_threads() or os.cpu_count() or 1
+        if self.settings.streams < 1 or self.settings.streams > N_SEQ_MAX:
+            raise InvalidOptionError(f"streams must be in 1..{N_SEQ_MAX}, got {self.settings.streams}")
+        self.streams = self.settings.streams
         cp = L.llama_context_default_params()
-        cp.n_ctx = self.max_length + TREE_HEADROOM
+        if self.streams == 1:
+            cp.n_ctx = self.max_length + TREE_HEADROOM
+            cp.n_seq_max = N_SEQ_MAX
+            cp.kv_unified = True  # one cell store: copying a sequence copies no data (tree branches, mask rows)
+        else:
+            # one KV store per stream (llama.cpp's non-unified cache, as its server's slots): a
+            # generation's cells then sit where they would sit if it ran alone, whatever the other
+            # streams hold, so its logits are bit-identical to running alone (a shared store
+            # interleaves the generations' cells, which changes the attention sums' order)
+            cp.n_ctx = self.streams * (self.max_length + STREAM_HEADROOM)
+            cp.n_seq_max = self.streams
+            cp.kv_unified = False
         cp.n_batch = N_BATCH
         cp.n_ubatch = N_BATCH
-        cp.n_seq_max = N_SEQ_MAX
-        cp.kv_unified = True  # one cell store: copying a sequence copies no data
         cp.swa_full = True  # sliding-window layers keep every cell: rejected rows are removed, never evicted
         cp.n_threads = self.threads
         cp.n_threads_batch = self.threads
