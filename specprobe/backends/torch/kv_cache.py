@@ -104,11 +104,17 @@ class PositionLayer(DynamicLayer):
         for new, prev in zip(self.buffers, old):
             new[:, :, :, : self.length].copy_(prev[:, :, :, : self.length])
         self.capacity = capacity
-        self.rows = (self.buffers[0][0], self.buffers[-1][-1])  # keys, values: [batch, kv_heads, capacity, head_dim]
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [batch, kv_heads, capacity, head_dim]: views made afresh each time, in the
+        current grad mode (a view made under no_grad may not be written with grad enabled: ConFu's
+        training fills the cache without gradients, then runs rows with them)."""
+        return self.buffers[0][0], self.buffers[-1][-1]
 
     def _views(self) -> None:
-        self.keys = self.rows[0][:, :, : self.length]  # [batch, kv_heads, length, head_dim]
-        self.values = self.rows[1][:, :, : self.length]
+        keys, values = self._rows()
+        self.keys = keys[:, :, : self.length]  # [batch, kv_heads, length, head_dim]
+        self.values = values[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the q new rows at [length, length + q); returns the views of rows [0, length + q)."""
@@ -118,8 +124,9 @@ class PositionLayer(DynamicLayer):
         if end > self.capacity:
             hint = self.capacity_hint if not self.capacity and self.capacity_hint and self.capacity_hint >= end else None
             self._allocate(key_states, value_states, hint or capacity_for(end, self.capacity))
-        self.rows[0][:, :, self.length : end].copy_(key_states)
-        self.rows[1][:, :, self.length : end].copy_(value_states)
+        keys, values = self._rows()
+        keys[:, :, self.length : end].copy_(key_states)
+        values[:, :, self.length : end].copy_(value_states)
         self.length = end
         self._views()
         return self.keys, self.values
