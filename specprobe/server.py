@@ -244,8 +244,10 @@ class Served:
 
 
 def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc): each request's KV cache grows by many
-    reallocations, and without a trim the freed pieces keep the resident size creeping up."""
+    """Hand freed heap pages back to the OS (glibc). The KV cache no longer grows by reallocation
+    (kv_cache.PositionCache), but each request still allocates its cache's buffers, drafters'
+    caches and activations of its own sizes, which glibc's adaptive mmap threshold puts on the
+    heap; without a trim the resident size still creeps up (README, "The KV cache")."""
     try:
         import ctypes
 

@@ -117,7 +117,9 @@ def hand_made():
 
 
 def test_summary_math():
-    s = summarize(hand_made(), ["ar", "esp", "hf-pld"])
+    records = hand_made()
+    records[3]["choices"][0]["first_difference"] = {"turn": 0, "position": 0, "top2_gap": 0.0, "near_tie": True}  # esp's differing answer
+    s = summarize(records, ["ar", "esp", "hf-pld"])
     esp, ar, pld = s["methods"]["esp"], s["methods"]["ar"], s["methods"]["hf-pld"]
     assert s["questions"] == 2 and s["left_out_questions"] == 1 and s["categories"] == ["A", "B"]
     assert ar["overall"]["n"] == 2 and ar["overall"]["speedup"] == 1.0 and ar["overall"]["identical_to_ar"] == 1.0
@@ -129,6 +131,7 @@ def test_summary_math():
     assert esp["overall"]["tau"] == pytest.approx(22 / 12)  # total tokens / total steps
     assert esp["overall"]["identical_to_ar"] == 0.5
     assert esp["A"]["identical_to_ar"] == 1.0 and esp["B"]["identical_to_ar"] == 0.0
+    assert esp["overall"]["differs_at_near_tie"] == 0.5 and esp["A"]["differs_at_near_tie"] == 0.0 and ar["overall"]["differs_at_near_tie"] == 0.0
     assert pld["overall"]["tau"] is None and pld["overall"]["speedup"] == pytest.approx(15 / 7.5)
     assert s["accept_length_histogram"]["esp"] == {1: 6, 2: 2, 3: 4}
     # bound: new tokens x T(1) / sum of T(rows) = (12 x 0.1 + 10 x 0.1) / (0.6 + 1.0)
@@ -138,7 +141,7 @@ def test_summary_math():
     assert esp["overall"]["acceptance"] == pytest.approx(0.5) and s["acceptance_stream"]["esp"] == pytest.approx([8 / 12, 2 / 8])
     assert esp["overall"]["adapt_share"] == pytest.approx(0.6 / 2.4) and ar["overall"]["adapt_share"] is None
     md = to_markdown(s)
-    assert "| esp | 1.83 | 50% | 17.5 | 2.33x | 1.38x | 170% | 50% | 2 |" in md and "esp 25%" in md
+    assert "| esp | 1.83 | 50% | 17.5 | 2.33x | 1.38x | 170% | 50% | 50% | 2 |" in md and "esp 25%" in md
     assert "hf-pld: transformers does not report" in md and "1 question(s)" in md
 
 
@@ -156,7 +159,7 @@ def test_write_summary_and_plots(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["methods"]["esp"]["overall"]["speedup"] == pytest.approx(s["methods"]["esp"]["overall"]["speedup"])
     assert set(on_disk["methods"]["esp"]) == {"overall", "A", "B"}
-    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "acceptance", "adapt_share", "tokens_per_s", "speedup", "identical_to_ar", "bound", "spread", "n"}
+    assert set(on_disk["methods"]["esp"]["A"]) == {"tau", "acceptance", "adapt_share", "tokens_per_s", "speedup", "identical_to_ar", "differs_at_near_tie", "bound", "spread", "n"}
     for name in ("summary.md", "speedup.png", "accept_lengths.png", "acceptance_stream.png"):
         assert (tmp_path / name).stat().st_size > 0
 

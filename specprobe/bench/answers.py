@@ -14,8 +14,10 @@ forwards (for the transformers rows, by a forward hook on the target model).
 
 specprobe's own fields, which Spec-Bench ignores: `method`, and per choice `accept_lengths_per_turn`
 (the same lengths, a list per turn; null where unobserved), `token_ids`, `bound_time`, `t1`,
-`draft_tokens`, `adapt_time`, and with `--repeats N` `wall_times` (per turn, the N measured wall
-times; `wall_time` is their median). Answer files written before this layout (`accept_lengths` a
+`draft_tokens`, `adapt_time`, with `--repeats N` `wall_times` (per turn, the N measured wall
+times; `wall_time` is their median), and where `ar` ran on the same question in the same run
+`first_difference` (null where token-identical to ar, else the first differing turn and position,
+ar's top-2 logit gap there and whether that is a near-tie: divergence.py). Answer files written before this layout (`accept_lengths` a
 list per turn) are still read.
 
 Lines are appended and flushed one at a time, so an interrupted run loses at most the line being

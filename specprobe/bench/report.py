@@ -7,6 +7,10 @@ Per method and per category (and overall), a cell holds, as Spec-Bench defines t
     speedup         tokens_per_s of the method / tokens_per_s of `ar` in the same category
     identical_to_ar fraction of answers whose token ids equal ar's for the same question (for
                     `method@backend`, that backend's `ar@backend` where it ran)
+    differs_at_near_tie  fraction of answers that differ from ar where ar's own top-2 logit gap was
+                    under divergence.NEAR_TIE (a rounding tie of a low-precision dtype, not a bug);
+                    1 - identical_to_ar - differs_at_near_tie differ elsewhere (or were not checked:
+                    answers written before the check, or whose ar ran in an earlier --resume run)
     acceptance      accepted draft tokens / proposed draft tokens ((new tokens - steps) / draft tokens:
                     every step commits one token of the target's own); null where unobserved
     adapt_share     share of the wall time spent adapting the drafter between requests (omnidraft)
@@ -32,6 +36,7 @@ from pathlib import Path
 from ..errors import BenchError
 from ..store import atomic_write
 from .answers import OVERALL, SETTINGS_FILE, read_answers, turn_accept_lengths
+from .divergence import NEAR_TIE
 
 DISTURBED = 1.5  # ar's time per forward this far off the run's median flags a question
 
@@ -51,9 +56,11 @@ def cell(records: list[dict], ar: dict | None = None) -> dict:
     new = sum(sum(r["choices"][0]["new_tokens"]) for r in records)
     steps = [s for r in records for s in r["choices"][0]["decoding_steps"]]
     tau = new / sum(steps) if steps and None not in steps and sum(steps) > 0 else None
-    identical = None
+    identical = near_tie = None
     if ar is not None:
-        identical = _mean([float(r["choices"][0]["token_ids"] == ar[r["question_id"]]["choices"][0]["token_ids"]) for r in records])
+        same = [r["choices"][0]["token_ids"] == ar[r["question_id"]]["choices"][0]["token_ids"] for r in records]
+        identical = _mean([float(x) for x in same])
+        near_tie = _mean([float(not x and bool((r["choices"][0].get("first_difference") or {}).get("near_tie"))) for r, x in zip(records, same)])
     bound = None
     turns = [(n, b, t1) for r in records for n, b, t1 in zip(r["choices"][0]["new_tokens"], r["choices"][0].get("bound_time") or [None], r["choices"][0].get("t1") or [None])]
     if turns and all(b and t1 for _, b, t1 in turns):
@@ -65,7 +72,7 @@ def cell(records: list[dict], ar: dict | None = None) -> dict:
     adapt_share = sum(adapt) / wall if adapt and None not in adapt and wall > 0 and sum(adapt) >= 1e-3 * wall else None  # < 0.1%: not adapting
     spreads = [s for r in records if (s := _spread(r["choices"][0])) is not None]
     return {"tau": tau, "acceptance": acceptance, "adapt_share": adapt_share, "tokens_per_s": _mean([tokens_per_s(r) for r in records]), "speedup": None,
-            "identical_to_ar": identical, "bound": bound, "spread": statistics.median(spreads) if spreads else None, "n": len(records)}
+            "identical_to_ar": identical, "differs_at_near_tie": near_tie, "bound": bound, "spread": statistics.median(spreads) if spreads else None, "n": len(records)}
 
 
 def _spread(choice: dict) -> float | None:
@@ -198,9 +205,10 @@ def to_markdown(summary: dict) -> str:
         share = c["speedup"] / c["bound"] if c.get("bound") and c["speedup"] is not None else None
         rows.append([
             m, _fmt(c["tau"], "tau"), _fmt(c.get("acceptance"), "pct"), _fmt(c["tokens_per_s"], "tps"), _fmt(c["speedup"], "x"),
-            _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"), str(c["n"]),
+            _fmt(c.get("bound"), "x"), _fmt(share, "pct"), _fmt(c["identical_to_ar"], "pct"),
+            _fmt(c.get("differs_at_near_tie"), "pct"), str(c["n"]),
         ])
-    lines += _table(["method", "tau", "acceptance", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "n"], rows)
+    lines += _table(["method", "tau", "acceptance", "tokens/s", "speedup", "bound", "speedup / bound", "identical to ar", "differs at a tie", "n"], rows)
     for title, key, kind in (("Speedup over ar per category", "speedup", "x"), ("tau (new tokens per target forward) per category", "tau", "tau")):
         rows = [[c] + [_fmt(cells[m][c][key], kind) for m in methods] for c in [*summary["categories"], OVERALL]]
         lines += ["", f"## {title}", ""] + _table(["category", *methods], rows)
@@ -214,6 +222,8 @@ def to_markdown(summary: dict) -> str:
     if adapting:
         lines.append("- time spent adapting the drafter between requests (online distillation, inside the wall time): " + ", ".join(f"{m} {_fmt(v, 'pct')}" for m, v in adapting.items()) + ".")
     lines.append("- identical to ar: compared with the `ar` of the backend the method ran on (`ar@B` for a method `M@B` on another backend than the run's; – where that `ar` did not run).")
+    lines.append("- differs at a tie: answers that differ from that ar where ar's own top-2 logit gap, recomputed at the first differing token, "
+                 f"was under {NEAR_TIE} (a rounding tie of bfloat16/float16, not a bug); identical + tie short of 100% is what to look into.")
     if "ar" not in cells:
         lines.append("- ar was not run: no speedup and no identical_to_ar.")
     if "hf" in cells:

@@ -13,7 +13,8 @@ short warm-up generation on a prompt of its own), announced on stderr, so no que
 it. Then the methods run in turn on each question, in an order rotated from one question to the
 next (A B C, B C A, C A B, ...), so a slow moment of the machine hits every method alike and no
 method always runs first. `repeats=N` runs every (question, method) N times, rotating again
-between rounds, and keeps the median wall time (report.py shows the spread).
+between rounds, and keeps the median wall time (report.py shows the spread). An answer that
+differs from its `ar` records where, and whether ar's logits there were a near-tie (divergence.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from ..errors import BenchError, InvalidOptionError
 from ..models import format_prompt
 from ..store import atomic_write
 from .answers import SETTINGS_FILE, TurnOutput, answer_files, answer_path, append_record, cut_incomplete_tail, make_record, median_turn, read_answer_file
+from .divergence import explain
 from .progress import make_progress
+from .report import identical_reference
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted", "hf-uag")
 LLAMACPP_METHODS = ("llamacpp", "llamacpp-lookup")
@@ -335,9 +338,14 @@ def run_bench(
                             runs[m].append(run_question(model_of[m], q, m, turns, max_new_tokens, run_options[m], draft_model))
                             bar.finished(q, m)
                     records = []
+                    outputs_of = {m: [median_turn([run[t] for run in runs[m]]) if repeats > 1 else runs[m][0][t] for t in range(len(runs[m][0]))] for m in ms}
                     for m in ms:  # answer files in the methods' own order
-                        outputs = [median_turn([run[t] for run in runs[m]]) if repeats > 1 else runs[m][0][t] for t in range(len(runs[m][0]))]
+                        outputs = outputs_of[m]
                         record = make_record(q, lm.name, m, outputs)
+                        reference = identical_reference(m, methods, main)
+                        if reference in outputs_of and reference != m:  # where it differs from its ar: a near-tie there?
+                            difference = explain(model_of[reference], q, outputs_of[reference], outputs)
+                            record["choices"][0]["first_difference"] = difference.to_dict() if difference else None
                         append_record(answer_path(out, lm.name, m), record)
                         records.append(record)
                     bar.question_done(q, records)
