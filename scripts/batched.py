@@ -27,13 +27,13 @@ from specprobe.bench.questions import load_questions
 from specprobe.engine.batch import Batcher
 
 
-def run(lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_tokens: int) -> dict:
-    batcher = Batcher(target_of(lm.model), max_batch)
+def run(batcher: Batcher, lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_tokens: int) -> dict:
+    batcher.max_batch = max_batch
+    rounds = batcher.rounds
     t0 = time.perf_counter()
     futures = [batcher.submit(lambda m=m: new_generation(lm.model, lm.tokenizer, m, method=method, max_new_tokens=max_new_tokens)) for m in prompts]
     results = [f.result() for f in futures]
     wall = time.perf_counter() - t0
-    batcher.close()
     tokens = sum(len(ids) for ids, _, _ in results)
     forwards = sum(s.target_forwards for _, s, _ in results)
     return {
@@ -41,7 +41,7 @@ def run(lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_toke
         "aggregate_tok_s": tokens / wall,
         "per_request_tok_s": statistics.mean(len(ids) / s.wall_time for ids, s, _ in results),
         "tau": tokens / forwards,
-        "rounds": batcher.rounds,
+        "rounds": batcher.rounds - rounds,
         "wall_s": wall,
     }
 
@@ -62,13 +62,15 @@ def main(argv=None) -> int:
     lm = specprobe.load(args.model, backend=args.backend, **extra)
     questions = load_questions(per_category=args.per_category)
     prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
-    specprobe.prepare(lm.model, lm.tokenizer, args.methods)
-    alone = [generate(lm.model, lm.tokenizer, m, method="ar", max_new_tokens=args.max_new_tokens).token_ids for m in prompts]
+    # one worker thread runs everything on the model, as the server does (Batcher.call says why)
+    batcher = Batcher(target_of(lm.model), 1)
+    batcher.call(lambda: specprobe.prepare(lm.model, lm.tokenizer, args.methods)).result()
+    alone = batcher.call(lambda: [generate(lm.model, lm.tokenizer, m, method="ar", max_new_tokens=args.max_new_tokens).token_ids for m in prompts]).result()
     runs = [(m, b) for m in args.methods for b in args.batch]
     rows: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.repeats):
         for method, b in runs[r % len(runs):] + runs[: r % len(runs)]:
-            out = run(lm, prompts, method, b, args.max_new_tokens)
+            out = run(batcher, lm, prompts, method, b, args.max_new_tokens)
             out["identical"] = sum(x == y for x, y in zip(out.pop("ids"), alone))
             rows.setdefault((method, b), []).append(out)
             print(f"{method:8} batch {b:3}: {out['aggregate_tok_s']:6.1f} tok/s aggregate, {out['per_request_tok_s']:5.1f} per request, "
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
         same = min(o["identical"] for o in outs)
         table.append(f"| {method} | {b} | {agg:.1f} | {agg / base:.2f}x | {per:.1f} | {tau:.2f} | {same}/{len(prompts)} |")
         summary.append({"method": method, "max_batch": b, "aggregate_tok_s": agg, "per_request_tok_s": per, "tau": tau, "identical": same, "runs": outs})
+    batcher.close()
     print("\n".join(table))
     if args.out:
         with open(args.out, "w") as f:

@@ -83,8 +83,9 @@ def run_command(args) -> int:
         make_drafter(args.method, **options)
     from ..api import prepare
 
-    prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})  # no client waits for one-time work
     served = Served(lm, args.served_name or args.model, args.method, options, max(args.max_queue, max_batch), limits, max_batch=max_batch)
+    # no client waits for one-time work; done on the thread that will run every generation (Batcher.call)
+    served.batcher.call(lambda: prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})).result()
     import uvicorn
 
     access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
