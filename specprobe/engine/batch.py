@@ -85,24 +85,22 @@ class Batcher:
     def submit(self, make: Callable[[], Generation]) -> Future:
         """Queue a generation (`make` builds it on the worker thread); the future gives its Result,
         or the exception its building or stepping raised."""
-        future: Future = Future()
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            self._waiting.append((future, make))
-            self._cond.notify()
-        return future
+        return self._enqueue(self._waiting, make)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn()` on the worker thread between two rounds (the server's warm-up, a lone
         generation); the future gives its result. Work on the target belongs on this thread: a
         second thread driving llama.cpp gets a second OpenMP team, and libgomp, seeing more
         threads than cores, stops spinning in its barriers (measured: 2.6x slower decoding)."""
+        return self._enqueue(self._calls, fn)
+
+    def _enqueue(self, queue: collections.deque, fn: Callable) -> Future:
+        """(a new future, fn) onto `queue`, the worker woken; the future is what the caller waits on."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._calls.append((future, fn))
+            queue.append((future, fn))
             self._cond.notify()
         return future
 
