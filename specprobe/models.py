@@ -219,6 +219,22 @@ def gguf_path(name: str) -> Path:
     raise ModelNotFoundError(f"the llamacpp backend runs GGUF files: give a built-in alias ({', '.join(BUILTIN_MODELS)}) or a .gguf file, not {name!r}")
 
 
+def hf_directory(name: str) -> str:
+    """A Hugging Face model directory (or hub id) of `name` that another engine can load (vLLM):
+    a built-in alias or a .gguf file is converted once to the float32 directory `load` caches."""
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS or name.endswith(".gguf"):
+        gguf = gguf_path(name)
+        if not (_converted_dir(gguf) / "COMPLETE").exists():
+            _quiet_transformers()
+            _load_gguf(gguf, torch.float32, use_cache=True)
+        converted = _converted_dir(gguf)
+        if not (converted / "COMPLETE").exists():
+            raise ModelNotFoundError(f"could not write the converted copy of {name} under {converted.parent}")
+        return str(converted)
+    return str(path) if path.is_dir() else name
+
+
 def gguf_tokenizer(gguf: Path):
     """The tokenizer of a GGUF file (transformers reads it from the file), cached on disk: the one
     the converted model keeps when there is one, else a copy made once."""

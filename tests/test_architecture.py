@@ -9,7 +9,8 @@ first:
     backends/, drafters/, heads/draft_head
                                   the engine (and store); a backend never imports a drafter, a
                                   drafter never imports a backend
-    models, tuned, api            loading, saved choices, the Python API
+    models, tuned, api            loading, saved choices, the Python API;
+    integrations/                 drafters inside other engines (vLLM's proposer plug-in)
     tune, bench/, server, heads/train
     commands/                     argv; nothing imports it
 """
@@ -27,7 +28,7 @@ RANK = {
     "errors": 0, "store": 0,
     "engine": 1,
     "backends": 2, "drafters": 2, "heads": 2, "heads.draft_head": 2,
-    "models": 3, "tuned": 3, "api": 4, "__init__": 5,
+    "models": 3, "tuned": 3, "integrations": 3, "api": 4, "__init__": 5,
     "tune": 5, "bench": 5, "server": 5, "heads.train": 5,
     "commands": 6, "__main__": 7,
 }

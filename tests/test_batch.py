@@ -21,7 +21,7 @@ from tests.conftest import varied_prompts
 needs_llamacpp = pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed")
 pytestmark = pytest.mark.xdist_group("batch")
 
-LENGTHS = [40, 12, 28, 6, 34, 20]  # different lengths: requests leave at different rounds
+LENGTHS = [28, 8, 20, 4, 24, 14]  # different lengths: requests leave at different rounds
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The server runs in a thread on a free loopback port with the session's SmolLM2 (greedy, so its
 text must equal `specprobe.generate`'s). Bad input gets its status and an error object, and the
-next good request still succeeds. A bounded load test: 16 concurrent streaming clients, 200
+next good request still succeeds. A bounded load test: 16 concurrent streaming clients, 80
 requests, no error but deliberate 429s, memory flat.
 """
 
@@ -154,7 +154,7 @@ def _rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
 
 
-def test_load_16_streaming_clients_200_requests(smollm2):
+def test_load_16_streaming_clients_80_requests(smollm2):
     served = Served(smollm2, NAME, "esp", {}, max_queue=8)
     srv, thread, url = _start(served)
     statuses, first_token, lock = [], [], threading.Lock()
@@ -191,17 +191,17 @@ def test_load_16_streaming_clients_200_requests(smollm2):
             list(pool.map(one, range(20)))
             rss_after_20 = _rss_kb()
             t0 = time.perf_counter()
-            list(pool.map(one, range(20, 200)))
+            list(pool.map(one, range(20, 80)))
             elapsed = time.perf_counter() - t0
         rss_end = _rss_kb()
     finally:
         http.close()
         srv.should_exit = True
         thread.join(timeout=10)
-    assert statuses.count(200) == 200
+    assert statuses.count(200) == 80
     assert set(statuses) <= {200, 429}
     assert rss_end <= 1.10 * rss_after_20, (rss_after_20, rss_end)
     first_token.sort()
-    print(f"\nload: 180 requests in {elapsed:.1f} s = {180 / elapsed:.2f} req/s; 429s {statuses.count(429)}; "
+    print(f"\nload: 60 requests in {elapsed:.1f} s = {60 / elapsed:.2f} req/s; 429s {statuses.count(429)}; "
           f"time to first token p50 {first_token[len(first_token) // 2]:.2f} s, p95 {first_token[int(0.95 * len(first_token))]:.2f} s; "
           f"{served.metrics.tokens / served.metrics.generation_seconds:.1f} tok/s in generation; RSS {rss_after_20 // 1024} -> {rss_end // 1024} MB")

@@ -219,7 +219,7 @@ class HybridDrafter(Drafter):
             suffix_config = SuffixConfig()
             key = ("suffix-outputs", self.name, suffix_config.max_tree_depth, suffix_config.max_cached_requests)
             outputs = target.drafter_state().setdefault(key, GlobalOutputs(suffix_config.max_tree_depth, suffix_config.max_cached_requests))
-            self.suffix = SuffixSource(suffix_config, session, outputs)
+            self.suffix = SuffixSource(suffix_config, session.ids, outputs)
 
     def _paths(self, session) -> list[ScoredPath]:
         c = self.config

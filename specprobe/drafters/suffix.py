@@ -230,13 +230,13 @@ class SuffixSource:
     """The two tries of one request, for this drafter and for the hybrid: `candidates` gives the
     merged best-first tree after the text so far, `advance` feeds the committed tokens."""
 
-    def __init__(self, config: SuffixConfig, session, global_outputs: GlobalOutputs | None):
+    def __init__(self, config: SuffixConfig, ids: list[int], global_outputs: GlobalOutputs | None):
         self.config = config
         self.local = SuffixTrie(config.max_tree_depth)
         self.growing = Growing(self.local)
         self.global_outputs = global_outputs
         self.fed = 0
-        self.advance(session.ids)
+        self.advance(ids)
 
     def advance(self, ids: list[int]) -> None:
         for t in ids[self.fed :]:
@@ -265,7 +265,7 @@ class SuffixDrafter(Drafter):
         key = ("suffix-outputs", c.max_tree_depth, c.max_cached_requests)
         if c.max_cached_requests and key not in state:
             state[key] = GlobalOutputs(c.max_tree_depth, c.max_cached_requests)
-        self.source = SuffixSource(c, session, state.get(key))
+        self.source = SuffixSource(c, session.ids, state.get(key))
         self.auto = AutoBudget(session.target, kind=self.name, session=session) if c.budget == "auto" else None
         self.scores: list[float] = []
 

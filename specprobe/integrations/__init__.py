@@ -1,0 +1,1 @@
+"""specprobe inside other engines: `vllm` holds its drafters as a vLLM speculative proposer."""
