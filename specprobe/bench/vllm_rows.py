@@ -81,7 +81,7 @@ def run_row(row: str, model_dir: str, shares: list[tuple[int, list[list[int]]]],
             outputs += [list(d.outputs[0].token_ids) for d in done]
         after = spec_counters(llm) if spec else {}
         counters = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        result["runs"].append({"batch": batch, "outputs": outputs, "seconds": seconds, "counters": counters})
+        result["runs"].append({"batch": min(batch, len(prompts)), "outputs": outputs, "seconds": seconds, "counters": counters})  # the concurrency run
     return result
 
 
@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     # size): no question twice in one vLLM process, where a cross-request cache (SuffixDecoding's,
     # specprobe's suffix source) would find its own earlier answer
     sizes = [1, *[b for b in batches if b > 1]]
-    shares = [(size, prompts[k :: len(sizes)]) for k, size in enumerate(sizes)]
+    rank, seen = [], {}
+    for q in questions:  # the question's place within its category
+        rank.append(seen.get(q["category"], 0))
+        seen[q["category"]] = rank[-1] + 1
+    shares = [(size, [p for p, r in zip(prompts, rank) if r % len(sizes) == k]) for k, size in enumerate(sizes)]
     if any(not share for _, share in shares):
         print(f"specprobe: {len(prompts)} questions cannot give each of {len(sizes)} batch sizes its own; raise --per-category", file=sys.stderr)
         return 2

@@ -60,6 +60,8 @@ SUFFIX_NODES = 16
 PRIOR_TOKEN_COST = 0.04
 MAX_STEP_SECONDS = 5.0  # a longer gap between two calls was the engine idling, not a step
 MIN_STEPS_TO_FIT = 24  # timed steps (with at least two different token counts) before the fit replaces the prior
+OUTPUT_TOKENS_KEPT = 1024  # of a finished output, for the global trie: its 200 outputs then hold at most ~5M nodes
+PARKED_CALLS = 16  # a request unseen for this many calls has finished (vLLM drops paused requests from its batch too)
 
 
 @dataclass
@@ -82,14 +84,18 @@ class RequestState:
             self.pool.add_text(tokens)
         self.suffix = SuffixSource(SuffixConfig(), tokens, outputs) if "suffix" in sources else None
         self.candidates: list[Candidate] = []
+        self.drafted = 0  # tokens drafted for it last step
         self.chain: list[int] = []  # last step's best chain, drafted or not
         self.chain_conditionals: list[float] = []  # ... each token's raw conditional estimate
-        self.copy_mode = False
+        self.copy_mode = ends_in_repeat(tokens, COPY_NGRAM)
+        self.parked_at: int | None = None  # the call it went unclaimed at (finished, or only paused)
 
-    def fits(self, row: np.ndarray, n: int) -> bool:
-        """Whether row[:n] continues this request's text (checked at its first, middle and last token)."""
+    def fits(self, row: np.ndarray, n: int, emitted: int) -> bool:
+        """Whether row[:n] is this request's text followed by the `emitted` tokens of one step
+        (at most one more than were drafted for it): a new request whose prompt starts with this
+        one's text (the next turn of a chat) does not fit."""
         f = len(self.tokens)
-        return 0 < f <= n and row[0] == self.tokens[0] and row[f - 1] == self.tokens[-1] and row[f // 2] == self.tokens[f // 2]
+        return f + emitted == n and emitted <= self.drafted + 1 and row[:f].tolist() == self.tokens
 
     def extend(self, new: list[int]) -> None:
         start = max(0, len(self.tokens) - POOL_N + 1)  # the first n-gram the new tokens complete
@@ -224,6 +230,7 @@ class SpecprobeProposer:
         self.chain_calibration = ChainCalibration()
         self.outputs = GlobalOutputs(SuffixConfig().max_tree_depth, SuffixConfig().max_cached_requests) if "suffix" in self.sources else None
         self.by_row: dict[int, RequestState] = {}
+        self.parked: dict[int, RequestState] = {}  # id -> a request not in the last call's rows
         self.costs = StepCosts()
         self.clock = time.perf_counter  # what steps are timed with (tests give a clock of their own)
         self.last_call: float | None = None
@@ -239,20 +246,26 @@ class SpecprobeProposer:
         step_seconds = now - self.last_call if self.last_call is not None else None
         self.last_call = now
         token_ids = token_ids_cpu.numpy() if hasattr(token_ids_cpu, "numpy") else np.asarray(token_ids_cpu)
-        changed = False  # a request joined or left: the step timed included a prefill
         claimed: dict[int, RequestState] = {}
         taken: set[int] = set()
         chains: list[list[int]] = []
         scores: list[list[float]] = []
+        live = [i for i, sampled in enumerate(sampled_token_ids) if sampled and int(num_tokens_no_spec[i]) < self.max_model_len]
+        changed = any(not sampled for sampled in sampled_token_ids)  # a row still prefilling shares the step
+        same_row = {}  # first pass: every row whose request is where it was last call
+        for i in live:
+            state = self.by_row.get(i)
+            if state is not None and state.fits(token_ids[i], int(num_tokens_no_spec[i]), len(sampled_token_ids[i])):
+                same_row[i] = state
+                taken.add(id(state))
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
-            if not sampled or n >= self.max_model_len:
-                changed |= not sampled
+            if i not in live:
                 chains.append([])
                 scores.append([])
                 continue
             row = token_ids[i]
-            state = self._find(i, row, n, taken)
+            state = same_row.get(i) or self._find(row, n, len(sampled), taken)
             if state is None:
                 state = RequestState(row[:n].tolist(), n - len(sampled), self.sources, self.outputs)
                 changed = True
@@ -260,16 +273,24 @@ class SpecprobeProposer:
                 new = row[len(state.tokens) : n].tolist()
                 self._learn(state, new)
                 state.extend(new)
+                changed |= state.parked_at is not None  # back from a pause
+                state.parked_at = None
+                self.parked.pop(id(state), None)
             taken.add(id(state))
             claimed[i] = state
             chain, chain_scores = self._draft(state, min(self.k, self.max_model_len - n - 1))
             chains.append(chain)
             scores.append(chain_scores)
-        for state in {id(s): s for s in self.by_row.values()}.values():
-            if id(state) not in taken:  # its request has finished (or was preempted: it is rebuilt on return)
-                if self.outputs is not None:
-                    self.outputs.add(state.output)
+        for state in self.by_row.values():
+            if id(state) not in taken:  # finished, or paused: parked until it has been gone long enough
+                state.parked_at = self.steps
+                self.parked[id(state)] = state
                 changed = True
+        for key, state in list(self.parked.items()):
+            if self.steps - state.parked_at >= PARKED_CALLS:  # finished: its output joins the global trie
+                if self.outputs is not None:
+                    self.outputs.add(state.output[:OUTPUT_TOKENS_KEPT])
+                del self.parked[key]
         self.by_row = claimed
         if self.scheduled is not None and not changed and step_seconds is not None and step_seconds < MAX_STEP_SECONDS:
             self.costs.observe(self.scheduled, step_seconds)  # a step with no request joining, leaving or idle between
@@ -279,19 +300,19 @@ class SpecprobeProposer:
         else:
             lengths = [len(c) for c in chains]
         drafts = [chain[:length] for chain, length in zip(chains, lengths)]
+        for i, state in claimed.items():
+            state.drafted = lengths[i]
         self.scheduled = None if changed else sum(1 + len(d) for i, d in enumerate(drafts) if i in claimed)
         self.drafted_tokens += sum(lengths)
         self.steps += 1
         return drafts
 
     # -- the four steps' parts ---------------------------------------------------------------
-    def _find(self, i: int, row: np.ndarray, n: int, taken: set[int]) -> RequestState | None:
-        state = self.by_row.get(i)
-        if state is not None and id(state) not in taken and state.fits(row, n):
-            return state
-        for other in self.by_row.values():
-            if id(other) not in taken and other.fits(row, n):
-                return other
+    def _find(self, row: np.ndarray, n: int, emitted: int, taken: set[int]) -> RequestState | None:
+        """A request of another row last call, or a parked one, whose text `row` continues."""
+        for state in [*self.by_row.values(), *self.parked.values()]:
+            if id(state) not in taken and state.fits(row, n, emitted):
+                return state
         return None
 
     def _learn(self, state: RequestState, new: list[int]) -> None:
