@@ -225,10 +225,10 @@ def hf_directory(name: str) -> str:
     path = Path(name).expanduser()
     if name in BUILTIN_MODELS or name.endswith(".gguf"):
         gguf = gguf_path(name)
-        if not (_converted_dir(gguf) / "COMPLETE").exists():
+        converted = _converted_dir(gguf)
+        if not (converted / "COMPLETE").exists():
             _quiet_transformers()
             _load_gguf(gguf, torch.float32, use_cache=True)
-        converted = _converted_dir(gguf)
         if not (converted / "COMPLETE").exists():
             raise ModelNotFoundError(f"could not write the converted copy of {name} under {converted.parent}")
         return str(converted)

@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("vllm is not installed in this Python; run `bash scripts/install_vllm.sh` and use .venv-vllm/bin/python", file=sys.stderr)
         return 2
-    batches = [int(b) for b in args.batch.split(",") if b]
     if args.one_row:
         spec = json.load(open(args.one_row))
         json.dump(run_row(spec["row"], spec["model_dir"], spec["shares"], args.max_new_tokens, args.eager), open(spec["out"], "w"))
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # each batch size on its own share of the questions (the k-th of each category to the k-th
     # size): no question twice in one vLLM process, where a cross-request cache (SuffixDecoding's,
     # specprobe's suffix source) would find its own earlier answer
+    batches = [int(b) for b in args.batch.split(",") if b]
     sizes = [1, *[b for b in batches if b > 1]]
     rank, seen = [], {}
     for q in questions:  # the question's place within its category
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             out = os.path.join(tmp, f"{i}.json")
             spec = os.path.join(tmp, f"{i}-row.json")
             json.dump({"row": row, "model_dir": model_dir, "shares": shares, "out": out}, open(spec, "w"))
-            cmd = [sys.executable, "-m", "specprobe.bench.vllm_rows", "--one-row", spec, "--max-new-tokens", str(args.max_new_tokens), "--batch", args.batch]
+            cmd = [sys.executable, "-m", "specprobe.bench.vllm_rows", "--one-row", spec, "--max-new-tokens", str(args.max_new_tokens)]
             print(f"[{i + 1}/{len(rows)}] {row}: starting vLLM ...", file=sys.stderr, flush=True)
             done = subprocess.run(cmd + (["--eager"] if args.eager else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0 or not os.path.exists(out):

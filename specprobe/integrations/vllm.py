@@ -37,7 +37,6 @@ This module imports nothing of vLLM: it is tested against that interface without
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -235,7 +234,6 @@ class SpecprobeProposer:
         self.clock = time.perf_counter  # what steps are timed with (tests give a clock of their own)
         self.last_call: float | None = None
         self.scheduled: int | None = None  # tokens the step after the last call verifies (None: not timed)
-        self.drafted_tokens = 0
         self.steps = 0
 
     def load_model(self, *args, **kwargs) -> None:  # the plug-in's optional hook: no model to load
@@ -271,8 +269,9 @@ class SpecprobeProposer:
                 changed = True
             else:
                 new = row[len(state.tokens) : n].tolist()
-                self._learn(state, new)
+                longest = self._learn(state, new)
                 state.extend(new)
+                state.copy_mode = longest >= COPY_RUN or ends_in_repeat(state.tokens, COPY_NGRAM)
                 changed |= state.parked_at is not None  # back from a pause
                 state.parked_at = None
                 self.parked.pop(id(state), None)
@@ -303,7 +302,6 @@ class SpecprobeProposer:
         for i, state in claimed.items():
             state.drafted = lengths[i]
         self.scheduled = None if changed else sum(1 + len(d) for i, d in enumerate(drafts) if i in claimed)
-        self.drafted_tokens += sum(lengths)
         self.steps += 1
         return drafts
 
@@ -315,8 +313,9 @@ class SpecprobeProposer:
                 return state
         return None
 
-    def _learn(self, state: RequestState, new: list[int]) -> None:
-        """Score last step's candidates against `new`, the tokens the target emitted after them."""
+    def _learn(self, state: RequestState, new: list[int]) -> int:
+        """Score last step's candidates against `new`, the tokens the target emitted after them;
+        returns the most tokens of `new` any candidate had right."""
         longest = 0
         seen: set[tuple[int, ...]] = set()  # suffix candidates are a tree's paths: a shared node counts once
         for cand in state.candidates:
@@ -334,7 +333,7 @@ class SpecprobeProposer:
             self.chain_calibration.update(p, token == new[j])
             if token != new[j]:
                 break
-        state.copy_mode = longest >= COPY_RUN or ends_in_repeat(state.tokens + new, COPY_NGRAM)
+        return longest
 
     def _draft(self, state: RequestState, limit: int) -> tuple[list[int], list[float]]:
         """The best chain over the sources' candidates (at most `limit` tokens) and each token's score."""
@@ -382,11 +381,6 @@ class SpecprobeProposer:
             score *= self.chain_calibration.rate(p)
             scores.append(score)
         return state.chain, scores
-
-    def stats(self) -> dict[str, float]:
-        a, b = self.costs.line()
-        return {"steps": self.steps, "drafted_tokens": self.drafted_tokens, "step_fixed_s": a, "step_per_token_s": b, "token_cost": b / a if a else math.nan}
-
 
 class HybridProposer(SpecprobeProposer):
     """pld, the n-gram pool and the suffix tries, scored and merged (the hybrid's copy sources)."""
