@@ -223,6 +223,7 @@ def test_truncated_bad_layer_count(smollm2, n_layers):
 
 def test_cli_generate_with_a_truncated_draft_model():
     import json
+    import os
     import subprocess
     import sys
 
@@ -230,6 +231,7 @@ def test_cli_generate_with_a_truncated_draft_model():
         [sys.executable, "-m", "specprobe", "generate", "--method", "draft", "--draft-model", "truncated:6",
          "--num-tokens", "3", "--max-new-tokens", "12", "--json", "--compare", PROMPTS[2]],
         capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # the workers' thread count: their measured kernel plans apply
     )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)

@@ -43,15 +43,34 @@ def test_cli_not_a_model_directory(tmp_path):
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path), "hi"), "cannot load model")
 
 
-def test_cli_bad_option_fails_before_loading():
+BAD_OPTIONS = [
+    (("generate", "--mask-init", "nonsense", "hi"), "mask_init"),
+    (("generate", "--method", "pld", "--max-ngram", "0", "hi"), "max_ngram"),
+    (("generate", "--method", "draft", "hi"), "--draft-model"),
+    (("generate", "--method", "eagle", "hi"), "--head"),
+    (("serve", "--method", "omnidraft"), "--draft-model"),
+    (("train-head", "--data", "/no/such/chats.jsonl", "--out", "x"), "no such file"),
+    (("train-head", "--epochs", "0", "--out", "x"), "--epochs"),
+]
+
+
+def test_cli_bad_option_fails_before_loading(monkeypatch, capsys):
+    """One case as a user runs it (a process of its own); the rest through the same `main`, in
+    this process, with loading a model made an error: each must fail on the option first."""
     assert_one_line_error(run_cli("generate", "--budget", "0", "hi"), "budget")
-    assert_one_line_error(run_cli("generate", "--mask-init", "nonsense", "hi"), "mask_init")
-    assert_one_line_error(run_cli("generate", "--method", "pld", "--max-ngram", "0", "hi"), "max_ngram")
-    assert_one_line_error(run_cli("generate", "--method", "draft", "hi"), "--draft-model")
-    assert_one_line_error(run_cli("generate", "--method", "eagle", "hi"), "--head")
-    assert_one_line_error(run_cli("serve", "--method", "omnidraft"), "--draft-model")
-    assert_one_line_error(run_cli("train-head", "--data", "/no/such/chats.jsonl", "--out", "x"), "no such file")
-    assert_one_line_error(run_cli("train-head", "--epochs", "0", "--out", "x"), "--epochs")
+    from specprobe import models
+    from specprobe.commands.main import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad option was reported")
+
+    monkeypatch.setattr(models, "load", no_loading)
+    monkeypatch.setattr(models, "load_draft", no_loading, raising=False)
+    for argv, needle in BAD_OPTIONS:
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and needle in err, (argv, err)
+        assert [line for line in err.splitlines() if line.strip()][-1].startswith("specprobe: error:") or "error:" in err, (argv, err)
 
 
 def test_cli_prompt_too_long():

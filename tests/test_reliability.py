@@ -29,7 +29,7 @@ KEY = "sk-test-key"
 
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "specprobe", *args], input=stdin, capture_output=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # one thread, as the workers: their kernel plans apply
 
 
 def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:

@@ -105,11 +105,16 @@ def plan_rows(costs: dict[tuple[str, int], float], q_max: int) -> dict[int, list
     return {q: pieces for q, (_, pieces) in best.items()}
 
 
+TIMING_BUDGET_S = 0.1  # a kernel timed this long in all (two calls at least) has been timed enough
+
+
 def _time(fn, repeats: int) -> float:
-    """The fastest of `repeats` calls after a warm-up: noise on a shared machine only adds time."""
+    """The fastest of `repeats` calls after a warm-up (noise on a shared machine only adds time), or
+    of fewer calls, two at least, once they took TIMING_BUDGET_S: a product that long (a wide head,
+    many rows) varies little between calls."""
     fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < TIMING_BUDGET_S):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
