@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.budget import AutoBudget, Calibration, nodes_tested, parse_budget
+from ..engine.budget import AutoBudget, Calibration, ChainCalibration, nodes_tested, parse_budget
 from ..engine.protocol import Drafter, Proposal, StepResult
 from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
@@ -213,6 +213,9 @@ class HybridDrafter(Drafter):
         self.first_candidates: list[tuple[str, int, float | None]] = []
         target = session.target
         self.calibration = {name: Calibration() for name in SCORED_SOURCES}
+        # kept across requests, as the step costs are: it measures the sources' merged estimates on this model
+        self.chain_calibration = target.drafter_state().setdefault(("chain-calibration", self.name), ChainCalibration())
+        self.chain: tuple[list[int], list[float]] | None = None  # this step's best chain (tokens, raw conditionals), drafted or not
         self.matrix = shared_matrix(target, self.name, 8, None) if c.recycle else None
         self.suffix = None
         if c.suffix:
@@ -268,9 +271,17 @@ class HybridDrafter(Drafter):
         self.esp_depths_before = self.esp.depths
         self.first_candidates = []  # (label, first token) of every copied candidate, offered or not
         tree, scores, sources = merge_scored(self._paths(session))
+        self.chain = None
         if not getattr(session.target, "verifies_trees", True):  # a chains-only backend: the best path of the trie
             tree, chain = tree.main_chain_tree()
             scores, sources = [scores[i] for i in chain], [sources[i] for i in chain]
+            if self.auto is not None:  # the best path's scores, on measured acceptance (the winner's curse)
+                raw = [s / (scores[i - 1] if i else 1.0) for i, s in enumerate(scores)]
+                self.chain = (list(tree.tokens), raw)
+                scores, score = [], 1.0
+                for p in raw:
+                    score *= self.chain_calibration.rate(p)
+                    scores.append(score)
         # mask rows follow the root and ESP's nodes only: after a copied (pld/pool) node they would
         # mostly be wasted rows, and rows are what a forward costs on a CPU
         esp_before = [0]
@@ -334,6 +345,11 @@ class HybridDrafter(Drafter):
                     self.rates.update(label, 1, token == chosen)
                 tested_first.add(label)
         self.first_candidates = []
+        if self.chain is not None:  # the whole best chain against the target's tokens, to the first miss
+            for token, p, chosen_j in zip(*self.chain, step.acceptance.tokens):
+                self.chain_calibration.update(p, token == chosen_j)
+                if token != chosen_j:
+                    break
         if self.matrix is not None:  # the target's rows of this forward, recycled (token_recycling.py)
             rows, tokens = computed_rows(step, getattr(session.target, "verifies_trees", True))
             self.matrix.update([session.ids[len(session.ids) - len(step.emitted) - 1], *tokens], step.output.logits[rows])

@@ -47,7 +47,7 @@ import numpy as np
 from ..drafters.hybrid import COPY_NGRAM, COPY_RUN, MIN_SCORE, ScoredPath, SourceRates, merge_scored
 from ..drafters.ngram import NGramPool, ends_in_repeat, find_continuations
 from ..drafters.suffix import GlobalOutputs, SuffixConfig, SuffixSource
-from ..engine.budget import Calibration
+from ..engine.budget import Calibration, ChainCalibration
 from ..engine.tree import ROOT
 
 POOL_N = 4  # the pool's n-grams: a token and the 3 that followed it (the hybrid's default)
@@ -107,40 +107,6 @@ class RequestState:
     @property
     def output(self) -> list[int]:
         return self.tokens[self.prompt_length :]
-
-
-class ChainCalibration:
-    """Measured acceptance of a chain token by its estimated conditional probability (ten bins,
-    each starting at its own midpoint): the chain is the best of several sources' candidates, so
-    its raw estimates run high where they are highest (the winner's curse). Each step the whole
-    best chain of the step before, drafted or not, is scored against the tokens emitted.
-
-    >>> cal = ChainCalibration()
-    >>> round(cal.rate(0.85), 2)
-    0.85
-    >>> for _ in range(40):
-    ...     cal.update(0.85, False)
-    >>> round(cal.rate(0.85), 2)
-    0.04
-    """
-
-    BINS = 10
-
-    def __init__(self, weight: float = 2.0):
-        self.accepted = [(b + 0.5) / self.BINS * weight for b in range(self.BINS)]
-        self.tested = [weight] * self.BINS
-
-    def _bin(self, p: float) -> int:
-        return min(self.BINS - 1, max(0, int(p * self.BINS)))
-
-    def rate(self, p: float) -> float:
-        b = self._bin(p)
-        return self.accepted[b] / self.tested[b]
-
-    def update(self, p: float, accepted: bool) -> None:
-        b = self._bin(p)
-        self.accepted[b] += accepted
-        self.tested[b] += 1
 
 
 class StepCosts:
