@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...errors import InvalidOptionError, ModelNotFoundError
+from .gguf_tensor import read_tensor
 from .library import llama
 
 DEFAULT_CONTEXT = 4096  # tokens a generation may hold (prompt + output), unless the model's own is smaller
@@ -113,14 +114,10 @@ class LlamaCppModel:
     def embeddings(self) -> torch.Tensor:
         """The input embedding of every token, as llama.cpp feeds it to the first layer: [vocab, hidden]."""
         if self._embeddings is None:
-            import gguf
-
-            reader = gguf.GGUFReader(str(self.path))
-            tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-            if tensor is None:
+            table = read_tensor(self.path, "token_embd.weight")
+            if table is None:
                 raise InvalidOptionError(f"{self.path.name} has no token_embd.weight: embedding rows need it")
-            table = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(self.vocab_size, self.hidden_size)
-            table = np.ascontiguousarray(table, dtype=np.float32)
+            table = np.ascontiguousarray(table.reshape(self.vocab_size, self.hidden_size), dtype=np.float32)
             if self.architecture.startswith("gemma"):
                 table *= np.float32(math.sqrt(self.hidden_size))  # as llama.cpp scales token input
             self._embeddings = torch.from_numpy(table)
