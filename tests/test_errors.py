@@ -23,12 +23,16 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+def assert_one_line(code: int, stderr: str, needle: str) -> None:
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("specprobe: error:") or "error:" in lines[-1], stderr
+    assert needle in stderr, stderr
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("specprobe: error:") or "error:" in lines[-1]
-    assert needle in proc.stderr
+    assert_one_line(proc.returncode, proc.stderr, needle)
 
 
 def test_cli_unknown_model():
@@ -68,9 +72,7 @@ def test_cli_bad_option_fails_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(models, "load_draft", no_loading, raising=False)
     for argv, needle in BAD_OPTIONS:
         code = main(list(argv))
-        err = capsys.readouterr().err
-        assert code == 2 and "Traceback" not in err and needle in err, (argv, err)
-        assert [line for line in err.splitlines() if line.strip()][-1].startswith("specprobe: error:") or "error:" in err, (argv, err)
+        assert_one_line(code, capsys.readouterr().err, needle)
 
 
 def test_cli_prompt_too_long():

@@ -278,10 +278,7 @@ class HybridDrafter(Drafter):
             if self.auto is not None:  # the best path's scores, on measured acceptance (the winner's curse)
                 raw = [s / (scores[i - 1] if i else 1.0) for i, s in enumerate(scores)]
                 self.chain = (list(tree.tokens), raw)
-                scores, score = [], 1.0
-                for p in raw:
-                    score *= self.chain_calibration.rate(p)
-                    scores.append(score)
+                scores = self.chain_calibration.path_scores(raw)
         # mask rows follow the root and ESP's nodes only: after a copied (pld/pool) node they would
         # mostly be wasted rows, and rows are what a forward costs on a CPU
         esp_before = [0]
@@ -345,11 +342,8 @@ class HybridDrafter(Drafter):
                     self.rates.update(label, 1, token == chosen)
                 tested_first.add(label)
         self.first_candidates = []
-        if self.chain is not None:  # the whole best chain against the target's tokens, to the first miss
-            for token, p, chosen_j in zip(*self.chain, step.acceptance.tokens):
-                self.chain_calibration.update(p, token == chosen_j)
-                if token != chosen_j:
-                    break
+        if self.chain is not None:  # the whole best chain, drafted or not, against the target's tokens
+            self.chain_calibration.learn(*self.chain, step.acceptance.tokens)
         if self.matrix is not None:  # the target's rows of this forward, recycled (token_recycling.py)
             rows, tokens = computed_rows(step, getattr(session.target, "verifies_trees", True))
             self.matrix.update([session.ids[len(session.ids) - len(step.emitted) - 1], *tokens], step.output.logits[rows])

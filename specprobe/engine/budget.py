@@ -154,6 +154,22 @@ class ChainCalibration:
         self.accepted[b] += accepted
         self.tested[b] += 1
 
+    def path_scores(self, conditionals: list[float]) -> list[float]:
+        """A chain's path scores on measured acceptance: the running product of `rate`."""
+        scores, score = [], 1.0
+        for p in conditionals:
+            score *= self.rate(p)
+            scores.append(score)
+        return scores
+
+    def learn(self, chain: list[int], conditionals: list[float], emitted: list[int]) -> None:
+        """Score a chain (its tokens and raw conditionals) against the tokens the target emitted
+        after the same text, up to the first miss (past it the chain says nothing)."""
+        for token, p, chosen in zip(chain, conditionals, emitted):
+            self.update(p, token == chosen)
+            if token != chosen:
+                break
+
 
 def nodes_tested(parents: list[int], path: list[int]) -> list[int]:
     """Nodes whose parent (or the root) was accepted: the ones the verdict says something about.

@@ -295,10 +295,7 @@ class SpecprobeProposer:
                 if not hit:
                     break
                 longest = max(longest, j + 1)
-        for j, (token, p) in enumerate(zip(state.chain[: len(new)], state.chain_conditionals)):
-            self.chain_calibration.update(p, token == new[j])
-            if token != new[j]:
-                break
+        self.chain_calibration.learn(state.chain, state.chain_conditionals, new)
         return longest
 
     def _draft(self, state: RequestState, limit: int) -> tuple[list[int], list[float]]:
@@ -342,11 +339,7 @@ class SpecprobeProposer:
         chain = tree.main_chain()[:limit]
         raw = [node_scores[i] / (node_scores[tree.parents[i]] if tree.parents[i] != ROOT else 1.0) for i in chain]
         state.chain, state.chain_conditionals = [tree.tokens[i] for i in chain], raw
-        scores, score = [], 1.0
-        for p in raw:  # the path score on measured acceptance
-            score *= self.chain_calibration.rate(p)
-            scores.append(score)
-        return state.chain, scores
+        return state.chain, self.chain_calibration.path_scores(raw)
 
 class HybridProposer(SpecprobeProposer):
     """pld, the n-gram pool and the suffix tries, scored and merged (the hybrid's copy sources)."""

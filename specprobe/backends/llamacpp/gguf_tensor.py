@@ -106,7 +106,7 @@ def read_tensor(path: str | Path, name: str) -> np.ndarray | None:
     row_bytes = columns // block * block_bytes
     data = raw[start : start + rows * row_bytes].reshape(rows, row_bytes)
     if qtype == gguf.GGMLQuantizationType.F32:
-        return np.asarray(data.view(np.float32), dtype=np.float32)
+        return np.array(data.view(np.float32))  # a copy: the caller owns (and may scale) what it gets
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.view(np.float16).astype(np.float32)
     return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(rows, columns)
