@@ -1,17 +1,26 @@
 """Lossless sampling end to end: the tokens `decode` samples, method by method, against the target.
 
-For each method and two sampling settings, the first three generated tokens of SmolLM2 over
-SEEDS seeds form an empirical joint distribution; the target's own joint distribution is computed
-exactly from its logits (a plain transformers forward, transformers' own warpers: nothing of
-specprobe's sampling code), and a chi-square test compares the two (p > 0.01). The prompt is one
-whose drafts are accepted often, asserted per method, so the accepted and recovered paths of the
-rule are both exercised. The path under test is the one `generate` runs: the decoding loop, the
-method's drafter, the Gumbel-coupled acceptance with its per-position noise, the warping. Only the
-target's forwards are replayed from a table once run (tests/replay_backend.py), which is what
-makes thousands of generations affordable.
+For two sampling settings, the first three generated tokens of SmolLM2 over SEEDS seeds form an
+empirical joint distribution; the target's own joint distribution is computed exactly from its
+logits (a plain transformers forward, transformers' own warpers: nothing of specprobe's sampling
+code), and a chi-square test compares the two (p > 0.01), for plain decoding (`ar`) and for the
+default method (`hybrid`, the production path). The prompt is one whose drafts are accepted
+often, asserted per method, so the accepted and recovered paths of the rule are both exercised.
+The path under test is the one `generate` runs: the decoding loop, the method's drafter, the
+Gumbel-coupled acceptance with its per-position noise, the warping. Only the target's forwards
+are replayed from a table once run (tests/replay_backend.py), which is what makes thousands of
+generations affordable.
 
-Negative controls: the same test, with deliberately wrong variants of that path switched on
-through `sampling.injected_fault`, must reject at p < 1e-6; otherwise the test could not fail.
+Every other method is held to more than its distribution: the acceptance rule is coupled (the
+noise that picks a token is keyed by the token's position, not by the draft), so a lossless
+method samples, seed by seed, the very tokens `ar` samples, and equal tokens on every seed give
+the same empirical distribution as `ar`'s, which the chi-square test checks. Each method must
+equal `ar` on EQUAL_SEEDS seeds (a deviation on one seed in a few hundred fails it, which a
+chi-square test over thousands of seeds would not see); the hybrid on all SEEDS.
+
+Negative controls: the same tests, with deliberately wrong variants of that path switched on
+through `sampling.injected_fault`, must reject at p < 1e-6 and differ from `ar` on some seed;
+otherwise the tests could not fail.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from specprobe.engine.sampling import FAULTS, SamplingConfig, injected_fault
 from specprobe.models import format_prompt
 
 SEEDS = 4000
+EQUAL_SEEDS = 1000  # seeds on which each other method's tokens must equal ar's
 NEW_TOKENS = 3
 ALPHA = 0.01  # a correct path passes at p > ALPHA
 REJECT = 1e-6  # a broken path fails at p < REJECT
@@ -43,7 +53,8 @@ MIN_EXPECTED = 5.0  # outcomes expected fewer times are pooled into one bin
 LIST = "apples, bananas, cherries, dates, figs, grapes, lemons, mangoes."
 PROMPT = f"{LIST} {LIST} apples, bananas,"
 SETTINGS = {"t1.0": SamplingConfig(temperature=1.0), "t0.7-p0.9-k50": SamplingConfig(temperature=0.7, top_p=0.9, top_k=50)}
-METHODS = ("ar", "esp", "pld", "hybrid", "token-recycling", "suffix")
+TESTED_BY_CHI_SQUARE = ("ar", "hybrid")
+EQUAL_TO_AR = ("esp", "pld", "token-recycling", "suffix")
 # fixed tree sizes: `--budget auto` sizes trees from timed steps, which replayed forwards would
 # distort (and every new size would be a forward to run); which tokens a tree holds does not
 # change what the rule emits, only how many drafts it accepts
@@ -129,12 +140,12 @@ def setup(smollm2):
     return smollm2, prompt_ids, eos, replay, targets
 
 
-def sample(setup, method: str, cfg: SamplingConfig, seeds=range(SEEDS)) -> tuple[Counter, float]:
-    """Outcome counts over `seeds`, and the fraction of generations that accepted a draft. The seeds
-    run in rounds: a generation that needs a row not computed yet is put off to the next round,
-    after the rows of all such generations are computed together (`ReplayBackend.run_deferred`)."""
+def sample(setup, method: str, cfg: SamplingConfig, seeds=range(SEEDS)) -> tuple[dict[int, tuple[int, ...]], float]:
+    """The tokens of each seed in `seeds`, and the fraction of generations that accepted a draft.
+    The seeds run in rounds: a generation that needs a row not computed yet is put off to the next
+    round, after the rows of all such generations are computed together (`ReplayBackend.run_deferred`)."""
     lm, prompt_ids, eos, replay, _ = setup
-    counts, accepted, todo = Counter(), 0, list(seeds)
+    outcomes, accepted, todo = {}, 0, list(seeds)
     while todo:
         put_off = []
         for seed in todo:
@@ -144,22 +155,52 @@ def sample(setup, method: str, cfg: SamplingConfig, seeds=range(SEEDS)) -> tuple
             except ReplayMiss:
                 put_off.append(seed)
                 continue
-            counts[tuple(ids)] += 1
+            outcomes[seed] = tuple(ids)
             accepted += stats.target_forwards < len(ids)
         replay.run_deferred()
         todo = put_off
-    return counts, accepted / len(seeds)
+    return outcomes, accepted / len(seeds)
+
+
+@pytest.fixture(scope="module")
+def ar_outcomes() -> dict[str, dict[int, tuple[int, ...]]]:
+    """Plain decoding's tokens for every seed, per setting (computed when a setting is first asked for)."""
+    return {}
+
+
+def ar_of(setup, ar_outcomes, setting: str) -> dict[int, tuple[int, ...]]:
+    if setting not in ar_outcomes:
+        ar_outcomes[setting] = sample(setup, "ar", SETTINGS[setting])[0]
+    return ar_outcomes[setting]
+
+
+def differing_seeds(outcomes: dict[int, tuple[int, ...]], ar: dict[int, tuple[int, ...]]) -> list[int]:
+    return [seed for seed, ids in outcomes.items() if ids != ar[seed]]
 
 
 @pytest.mark.parametrize("setting", [pytest.param(name, marks=GROUP[name]) for name in SETTINGS])
-@pytest.mark.parametrize("method", METHODS)
-def test_sampled_tokens_follow_the_target(setup, method, setting):
-    counts, accepted = sample(setup, method, SETTINGS[setting])
+@pytest.mark.parametrize("method", TESTED_BY_CHI_SQUARE)
+def test_sampled_tokens_follow_the_target(setup, ar_outcomes, method, setting):
+    ar = ar_of(setup, ar_outcomes, setting)
+    outcomes, accepted = (ar, 0.0) if method == "ar" else sample(setup, method, SETTINGS[setting])
     if method != "ar":
         assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
+        differ = differing_seeds(outcomes, ar)
+        assert not differ, f"{method} at {setting}: tokens differ from ar's on {len(differ)} of {SEEDS} seeds (first: seed {differ[0]})"
+    counts = Counter(outcomes.values())
     p = chi_square_p(counts, setup[4][setting], SEEDS)
     print(f"{method} at {setting}: p = {p:.3g}, {len(counts)} distinct outcomes, drafts accepted in {accepted:.0%} of generations")
     assert p > ALPHA, f"{method} at {setting}: p = {p:.2e}, {len(counts)} distinct outcomes"
+
+
+@pytest.mark.parametrize("setting", [pytest.param(name, marks=GROUP[name]) for name in SETTINGS])
+@pytest.mark.parametrize("method", EQUAL_TO_AR)
+def test_sampled_tokens_equal_plain_decodings_seed_by_seed(setup, ar_outcomes, method, setting):
+    ar = ar_of(setup, ar_outcomes, setting)
+    outcomes, accepted = sample(setup, method, SETTINGS[setting], seeds=range(EQUAL_SEEDS))
+    assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
+    differ = differing_seeds(outcomes, ar)
+    assert not differ, f"{method} at {setting}: tokens differ from ar's on {len(differ)} of {EQUAL_SEEDS} seeds (first: seed {differ[0]})"
 
 
 # the faults under pld, whose steps are short (noise keyed by depth within a step repeats across
@@ -169,14 +210,17 @@ FAULT_RUNS = [("noise-by-row", "pld", "t1.0"), ("warp-order", "pld", "t0.7-p0.9-
 
 
 @pytest.mark.parametrize("fault, method, setting", [pytest.param(*run, marks=GROUP[run[2]]) for run in FAULT_RUNS])
-def test_a_broken_sampling_path_fails_the_same_test(setup, fault, method, setting):
+def test_a_broken_sampling_path_fails_the_same_tests(setup, ar_outcomes, fault, method, setting):
     assert fault in FAULTS
+    ar = ar_of(setup, ar_outcomes, setting)
     with injected_fault(fault):
-        counts, accepted = sample(setup, method, SETTINGS[setting])
+        outcomes, accepted = sample(setup, method, SETTINGS[setting])
     assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations"
-    p = chi_square_p(counts, setup[4][setting], SEEDS)
-    print(f"fault {fault} ({method}, {setting}): p = {p:.3g}")
-    assert p < REJECT, f"{fault}: p = {p:.2e}: the test cannot tell this broken path from a correct one"
+    p = chi_square_p(Counter(outcomes.values()), setup[4][setting], SEEDS)
+    differ = differing_seeds({seed: outcomes[seed] for seed in range(EQUAL_SEEDS)}, ar)
+    print(f"fault {fault} ({method}, {setting}): p = {p:.3g}, tokens differ from ar's on {len(differ)} of the first {EQUAL_SEEDS} seeds")
+    assert p < REJECT, f"{fault}: p = {p:.2e}: the chi-square test cannot tell this broken path from a correct one"
+    assert differ, f"{fault}: the seed-by-seed test cannot tell this broken path from a correct one"
 
 
 @GROUP["t0.7-p0.9-k50"]
