@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 
 import pytest
 import torch
@@ -54,16 +55,17 @@ def varied_prompts(questions: list[dict], n: int) -> list[str]:
     return out
 
 
-# (model, prompt ids) -> (transformers' greedy tokens, whether they ended at EOS before the limit)
-_GREEDY_REFERENCES: dict[tuple[int, tuple[int, ...]], tuple[list[int], bool]] = {}
+# model -> prompt ids -> (transformers' greedy tokens, whether they ended at EOS before the limit);
+# weakly keyed: a reference leaves with its model, and no later model can inherit it
+_GREEDY_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def hf_greedy(lm, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Reference: transformers' own greedy decoding. Computed once per model and prompt in a test
     process, at the longest length asked for: greedy decoding's first n tokens do not depend on how
     many follow, so a shorter reference is the longer one's prefix."""
-    key = (id(lm.model), tuple(prompt_ids))
-    known = _GREEDY_REFERENCES.get(key)
+    references = _GREEDY_REFERENCES.setdefault(lm.model, {})
+    known = references.get(tuple(prompt_ids))
     if known is not None and (len(known[0]) >= max_new_tokens or known[1]):
         return known[0][:max_new_tokens]
     ids = torch.tensor([prompt_ids])
@@ -71,5 +73,5 @@ def hf_greedy(lm, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.eos_token_id
     )
     tokens = out[0, len(prompt_ids) :].tolist()
-    _GREEDY_REFERENCES[key] = (tokens, len(tokens) < max_new_tokens)
+    references[tuple(prompt_ids)] = (tokens, len(tokens) < max_new_tokens)
     return tokens

@@ -130,17 +130,20 @@ def prompts_of(spec_bench_questions, lm, n: int) -> list[list[int]]:
     return [format_prompt(lm.tokenizer, p) for p in picked[:n]]
 
 
+MATRIX_AND_SUFFIX = ("token-recycling", "suffix")
+
+
 @pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
 def test_identical_to_plain_decoding_with_drafts_accepted(model_name, request, spec_bench_questions):
     lm = request.getfixturevalue(model_name)
     accepted = Counter()
     for ids in prompts_of(spec_bench_questions, lm, 4):
         ref = specprobe.generate(lm.model, lm.tokenizer, ids, method="ar", max_new_tokens=NEW_TOKENS)
-        for method in ("token-recycling", "suffix"):
+        for method in MATRIX_AND_SUFFIX:
             out = specprobe.generate(lm.model, lm.tokenizer, ids, method=method, max_new_tokens=NEW_TOKENS)
             assert out.token_ids == ref.token_ids, method
             accepted[method] += out.stats.new_tokens - out.stats.target_forwards
-    for method in ("token-recycling", "suffix"):
+    for method in MATRIX_AND_SUFFIX:
         assert accepted[method] > 10, f"{method}: {accepted[method]} drafted tokens accepted in 4 prompts"
 
 

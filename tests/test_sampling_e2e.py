@@ -163,30 +163,35 @@ def sample(setup, method: str, cfg: SamplingConfig, seeds=range(SEEDS)) -> tuple
 
 
 @pytest.fixture(scope="module")
-def ar_outcomes() -> dict[str, dict[int, tuple[int, ...]]]:
-    """Plain decoding's tokens for every seed, per setting (computed when a setting is first asked for)."""
-    return {}
+def ar_tokens(setup):
+    """Plain decoding's tokens for every seed, by setting (a setting is run when first asked for)."""
+    by_setting: dict[str, dict[int, tuple[int, ...]]] = {}
 
+    def of(setting: str) -> dict[int, tuple[int, ...]]:
+        if setting not in by_setting:
+            by_setting[setting] = sample(setup, "ar", SETTINGS[setting])[0]
+        return by_setting[setting]
 
-def ar_of(setup, ar_outcomes, setting: str) -> dict[int, tuple[int, ...]]:
-    if setting not in ar_outcomes:
-        ar_outcomes[setting] = sample(setup, "ar", SETTINGS[setting])[0]
-    return ar_outcomes[setting]
+    return of
 
 
 def differing_seeds(outcomes: dict[int, tuple[int, ...]], ar: dict[int, tuple[int, ...]]) -> list[int]:
     return [seed for seed, ids in outcomes.items() if ids != ar[seed]]
 
 
+def assert_same_tokens_as_ar(outcomes: dict[int, tuple[int, ...]], ar: dict[int, tuple[int, ...]], label: str) -> None:
+    differ = differing_seeds(outcomes, ar)
+    assert not differ, f"{label}: tokens differ from ar's on {len(differ)} of {len(outcomes)} seeds (first: seed {differ[0]})"
+
+
 @pytest.mark.parametrize("setting", [pytest.param(name, marks=GROUP[name]) for name in SETTINGS])
 @pytest.mark.parametrize("method", TESTED_BY_CHI_SQUARE)
-def test_sampled_tokens_follow_the_target(setup, ar_outcomes, method, setting):
-    ar = ar_of(setup, ar_outcomes, setting)
+def test_sampled_tokens_follow_the_target(setup, ar_tokens, method, setting):
+    ar = ar_tokens(setting)
     outcomes, accepted = (ar, 0.0) if method == "ar" else sample(setup, method, SETTINGS[setting])
     if method != "ar":
         assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
-        differ = differing_seeds(outcomes, ar)
-        assert not differ, f"{method} at {setting}: tokens differ from ar's on {len(differ)} of {SEEDS} seeds (first: seed {differ[0]})"
+        assert_same_tokens_as_ar(outcomes, ar, f"{method} at {setting}")
     counts = Counter(outcomes.values())
     p = chi_square_p(counts, setup[4][setting], SEEDS)
     print(f"{method} at {setting}: p = {p:.3g}, {len(counts)} distinct outcomes, drafts accepted in {accepted:.0%} of generations")
@@ -195,12 +200,11 @@ def test_sampled_tokens_follow_the_target(setup, ar_outcomes, method, setting):
 
 @pytest.mark.parametrize("setting", [pytest.param(name, marks=GROUP[name]) for name in SETTINGS])
 @pytest.mark.parametrize("method", EQUAL_TO_AR)
-def test_sampled_tokens_equal_plain_decodings_seed_by_seed(setup, ar_outcomes, method, setting):
-    ar = ar_of(setup, ar_outcomes, setting)
+def test_sampled_tokens_equal_plain_decodings_seed_by_seed(setup, ar_tokens, method, setting):
+    ar = ar_tokens(setting)
     outcomes, accepted = sample(setup, method, SETTINGS[setting], seeds=range(EQUAL_SEEDS))
     assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations; the test would not exercise acceptance"
-    differ = differing_seeds(outcomes, ar)
-    assert not differ, f"{method} at {setting}: tokens differ from ar's on {len(differ)} of {EQUAL_SEEDS} seeds (first: seed {differ[0]})"
+    assert_same_tokens_as_ar(outcomes, ar, f"{method} at {setting}")
 
 
 # the faults under pld, whose steps are short (noise keyed by depth within a step repeats across
@@ -210,9 +214,9 @@ FAULT_RUNS = [("noise-by-row", "pld", "t1.0"), ("warp-order", "pld", "t0.7-p0.9-
 
 
 @pytest.mark.parametrize("fault, method, setting", [pytest.param(*run, marks=GROUP[run[2]]) for run in FAULT_RUNS])
-def test_a_broken_sampling_path_fails_the_same_tests(setup, ar_outcomes, fault, method, setting):
+def test_a_broken_sampling_path_fails_the_same_tests(setup, ar_tokens, fault, method, setting):
     assert fault in FAULTS
-    ar = ar_of(setup, ar_outcomes, setting)
+    ar = ar_tokens(setting)
     with injected_fault(fault):
         outcomes, accepted = sample(setup, method, SETTINGS[setting])
     assert accepted > 0.3, f"{method}: drafts accepted in {accepted:.0%} of generations"
