@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import specprobe
 from specprobe.drafters.suffix import CHILDREN, COUNT, GlobalOutputs, SuffixTrie, speculate
-from specprobe.drafters.token_recycling import AdjacencyMatrix
+from specprobe.drafters.token_recycling import TAIL_CUT, AdjacencyMatrix, top_k_probabilities
 from specprobe.errors import InvalidOptionError
 from specprobe.models import format_prompt
 
@@ -44,6 +44,32 @@ def test_matrix_expansion_is_best_first_and_bounded():
     for i, p in enumerate(tree.parents):
         if p >= 0:
             assert scores[i] <= scores[p] and tree.tokens[i] in m.ids[tree.tokens[p]].tolist()
+
+
+def test_top_k_probabilities_match_the_exact_softmax():
+    """The CPU path's normalizer leaves out logits more than TAIL_CUT below a row's largest: the
+    ids equal torch.topk's and each probability is within vocab x e^-TAIL_CUT of the exact one
+    (relative), on rows shaped like a language model's (a few likely tokens, many unlikely ones,
+    a long tail far below), on flat rows, where every logit is in the band, and on a row with
+    fewer than k logits in the band."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 50_000
+    peaked = torch.randn(6, vocab, generator=gen) * 0.1 - 40.0  # a long tail far below: cut
+    peaked[:, 10:20_000] += 28.0  # a wide band 12 below the top, 1 % of a row's mass: kept (a cut at 8 fails this test)
+    peaked[:, :10] = torch.randn(6, 10, generator=gen) * 0.5  # the likely tokens, near 0
+    flat = torch.randn(3, vocab, generator=gen) * 0.5
+    few = torch.randn(1, vocab, generator=gen) - 100.0
+    few[0, 7] = 0.0  # one logit in the band, fewer than k: the exact path
+    for logits in (peaked, flat, few):
+        ids, probs = top_k_probabilities(logits, 8)
+        exact = torch.topk(logits, 8, dim=-1)
+        exact_probs = (exact.values - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        assert torch.equal(ids, exact.indices)
+        bound = vocab * torch.exp(torch.tensor(-TAIL_CUT)).item()
+        assert ((probs - exact_probs).abs() <= exact_probs * bound + 1e-7).all()
+        assert (probs >= exact_probs * (1 - 1e-5)).all()  # a smaller normalizer: never lower
+    cut = (peaked >= peaked.amax(-1, keepdim=True) - TAIL_CUT).sum(-1)
+    assert (cut == 20_000).all()  # the peaked rows did run on a band, the tail left out
 
 
 def test_matrix_state_round_trip_and_bad_files(tmp_path):
