@@ -42,9 +42,10 @@ def top_k_probabilities(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     On a CPU a row's normalizer (its log-sum-exp) is summed over the logits within TAIL_CUT of
     the row's largest, where almost all of a language model's mass is: each logit left out holds
     under e^-16 of the largest one's mass, so a probability comes out high by less than
-    vocab x 1.1e-7 of itself. Each row is then read three times (largest, band, values) instead of
-    exponentiated whole and partially sorted (figures: docs/engine-measurements.md). Off the CPU,
-    or with fewer than k logits in that band, the exact softmax.
+    vocab x e^-16 (vocab x 1.13e-7) of itself, up to float32 rounding. Each row is then read three
+    times (largest, band, values) instead of exponentiated whole and partially sorted (figures:
+    docs/engine-measurements.md). Off the CPU, for logits that carry a gradient, or with fewer
+    than k logits in that band: the exact softmax.
 
     >>> ids, probs = top_k_probabilities(torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])), k=2)
     >>> ids.tolist(), [[round(p, 3) for p in row] for row in probs.tolist()]
