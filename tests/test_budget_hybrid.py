@@ -15,14 +15,15 @@ from conftest import hf_greedy, varied_prompts
 from specprobe.commands.main import main
 from specprobe.drafters import hybrid, make_drafter
 from specprobe.drafters.hybrid import ScoredPath, SourceRates, merge_scored
-from specprobe.engine import budget
+from specprobe.backends.torch import profile as torch_profile
+from specprobe.engine import budget, cost_curve
 from specprobe.engine.budget import AutoBudget, Calibration, CostCurve, StepCosts, best_size, nodes_tested, parse_budget
 from specprobe.engine.tree import ROOT
 from specprobe.errors import InvalidOptionError
 from specprobe.models import format_prompt
 
 
-@pytest.mark.parametrize("module", [budget, hybrid])
+@pytest.mark.parametrize("module", [budget, cost_curve, hybrid])
 def test_docstring_examples(module):
     failed, attempted = doctest.testmod(module)
     assert attempted > 0 and failed == 0
@@ -35,6 +36,27 @@ def test_cost_curve_interpolates_and_extrapolates():
     assert c(2) == pytest.approx(1.2)
     assert c(6) == pytest.approx(2.6)
     assert c(12) == pytest.approx(5.6)  # the last segment's slope, 0.5 per row
+
+
+def test_an_unsteady_cost_curve_is_measured_again_and_never_saved(monkeypatch, tmp_path, capsys):
+    busy = {1: 0.31, 2: 0.51, 6: 1.27, 32: 0.65}  # measured here during an install: T(32) < T(6) / 2
+    quiet = {1: 0.034, 2: 0.035, 6: 0.047, 32: 0.097}
+    runs = iter([busy, quiet])
+    monkeypatch.setattr(cost_curve, "forward_times", lambda *a, **k: next(runs))
+    assert cost_curve.measure_cost_curve(None) == (quiet, True)
+
+    class Target:
+        def set_cost_curve(self, times):
+            pass
+
+    path = tmp_path / "curve.json"
+    monkeypatch.setattr(torch_profile, "_curve_file", lambda target: path)
+    monkeypatch.setattr(cost_curve, "forward_times", lambda *a, **k: dict(busy))
+    assert torch_profile.cost_curve(Target()) == busy  # this process uses it ...
+    assert not path.exists()  # ... and the next one measures again
+    assert "busy while the cost curve was measured" in capsys.readouterr().err
+    monkeypatch.setattr(cost_curve, "forward_times", lambda *a, **k: dict(quiet))
+    assert torch_profile.cost_curve(Target()) == quiet and path.exists()
 
 
 SCORES = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]

@@ -19,7 +19,7 @@ def run_command(args) -> int:
 
     from ..backends.torch import KERNEL_MODES, TorchBackend
     from ..backends.torch.profile import profile, save_cost_curve
-    from ..engine.cost_curve import CURVE_Q, forward_times
+    from ..engine.cost_curve import measure_cost_curve
     from ..models import load
 
     qs = sorted(set(args.q))
@@ -41,8 +41,9 @@ def run_command(args) -> int:
         profiles[mode] = prof
         print(f"\n## {mode} kernels\n\n{prof.to_markdown()}\n")
         if mode == "planned":
-            times = forward_times(target, CURVE_Q, args.context, 3)
-            save_cost_curve(target, times)
+            times, is_steady = measure_cost_curve(target, args.context)
+            if is_steady:  # an unsteady curve is not saved (measure_cost_curve says so)
+                save_cost_curve(target, times)
             TorchBackend.of(lm.model).set_cost_curve(times)
     if args.out:
         out = Path(args.out)
@@ -78,7 +79,7 @@ def _profile_llamacpp(args, qs) -> int:
     """The llama.cpp backend's cost curve (its parts are llama.cpp's own) and its batch-invariance
     limit; saves the curve `--budget auto` reads."""
     from ..backends import backend_for
-    from ..engine.cost_curve import CURVE_Q, forward_times
+    from ..engine.cost_curve import forward_times, measure_cost_curve
     from ..models import load
 
     lm = load(args.model, backend="llamacpp", threads=args.threads)
@@ -90,7 +91,9 @@ def _profile_llamacpp(args, qs) -> int:
              f"batches of up to {rows} rows give one-row decoding's logits bit for bit", "", "| q | T(q) ms | T(q)/T(1) |", "|---|---|---|"]
     lines += [f"| {q} | {1e3 * t:.2f} | {t / times[qs[0]]:.2f} |" for q, t in times.items()]
     print("\n".join(lines))
-    backend.set_cost_curve(forward_times(backend, CURVE_Q, args.context, 3))
+    curve, is_steady = measure_cost_curve(backend, args.context)
+    if is_steady:  # an unsteady curve is not saved (measure_cost_curve says so)
+        backend.set_cost_curve(curve)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

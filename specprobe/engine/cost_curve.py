@@ -6,11 +6,17 @@ is measured the same way) over a KV cache of `context` random tokens: q = 1 is a
 q > 1 a star of q - 1 draft nodes under the root (the tree path runs; a chain of q - 1 nodes on a
 backend that verifies chains only). Each backend stores its
 curve where it knows how to key it (the torch backend: profile.py).
+
+A curve measured while something else loads the machine (a build, an install) has its points
+taken at different loads; saved, it would price every tree wrongly on every later run. So a
+measurement is kept only when its shape is plausible (`steady`), measured again otherwise, and not
+saved if it never is (`measure_cost_curve`).
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -67,3 +73,32 @@ def forward_times(target, qs, context: int = 300, repeats: int = 7) -> dict[int,
     finally:
         target.release(cache)
     return {q: statistics.median(v) for q, v in samples.items()}
+
+
+DROP = 0.7  # more rows never cost less than this fraction of fewer rows' time in a steady measurement
+
+
+def steady(times: dict[int, float]) -> bool:
+    """Whether a measured curve is plausible: no point below DROP x the time of a smaller q (more
+    rows can be padded to fewer, so a large drop means the machine's load changed mid-measurement).
+
+    >>> steady({1: 0.034, 2: 0.035, 4: 0.046, 8: 0.053, 32: 0.097})
+    True
+    >>> steady({1: 0.31, 2: 0.51, 6: 1.27, 8: 1.21, 32: 0.65, 64: 1.86})  # measured during a build
+    False
+    """
+    qs = sorted(times)
+    return all(times[b] >= DROP * times[a] for i, a in enumerate(qs) for b in qs[i + 1 :])
+
+
+def measure_cost_curve(target, context: int = 300, repeats: int = 3, attempts: int = 3) -> tuple[dict[int, float], bool]:
+    """(T(q) for q in CURVE_Q, whether it is steady): measured up to `attempts` times until it is.
+    An unsteady result is still the best estimate there is for this process; the caller saves
+    only a steady one."""
+    for _ in range(attempts):
+        times = forward_times(target, CURVE_Q, context, repeats)
+        if steady(times):
+            return times, True
+    print("specprobe: the machine was busy while the cost curve was measured (its points disagree); "
+          "using it for this run without saving it, so the next run measures it again", file=sys.stderr, flush=True)
+    return times, False

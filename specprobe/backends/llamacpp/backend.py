@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...engine.cost_curve import CURVE_Q, forward_times
+from ...engine.cost_curve import measure_cost_curve
 from ...engine.protocol import ForwardRequest, VerifyOutput
 from ...engine.tree import AuxRows, DraftTree, Layout, rows_structure
 from ...errors import InvalidOptionError
@@ -456,7 +456,11 @@ class LlamaCppBackend:
                 self._cost_curve = {int(q): float(t) for q, t in stored.items()}
             except (AttributeError, ValueError, TypeError):
                 self.max_rows()
-                self.set_cost_curve(forward_times(self, CURVE_Q, repeats=3))
+                times, is_steady = measure_cost_curve(self)
+                if is_steady:
+                    self.set_cost_curve(times)
+                else:  # this process uses it; the next one measures again
+                    self._cost_curve = times
         return self._cost_curve
 
     def set_cost_curve(self, times: dict[int, float]) -> None:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ...engine.cost_curve import CURVE_Q, forward_times, prefilled, star
+from ...engine.cost_curve import forward_times, measure_cost_curve, prefilled, star
 from ...store import atomic_write, cache_root
 from .kv_cache import cache_kwargs, cache_length, keep_rows
 
@@ -210,6 +210,7 @@ def cost_curve(target, measure_if_missing: bool = True) -> dict[int, float] | No
             pass
     if not measure_if_missing:
         return None
-    times = forward_times(target, CURVE_Q, repeats=3)
-    save_cost_curve(target, times)
+    times, is_steady = measure_cost_curve(target)
+    if is_steady:  # else this process uses it, and the next one measures again
+        save_cost_curve(target, times)
     return times
