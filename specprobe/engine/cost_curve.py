@@ -79,8 +79,8 @@ DROP = 0.7  # more rows never cost less than this fraction of fewer rows' time i
 
 
 def steady(times: dict[int, float]) -> bool:
-    """Whether a measured curve is plausible: no point below DROP x the time of a smaller q (more
-    rows can be padded to fewer, so a large drop means the machine's load changed mid-measurement).
+    """Whether a measured curve is plausible: no point below DROP x the time of a smaller q (fewer
+    rows can always run padded to more, so a large drop means the machine's load changed mid-measurement).
 
     >>> steady({1: 0.034, 2: 0.035, 4: 0.046, 8: 0.053, 32: 0.097})
     True
