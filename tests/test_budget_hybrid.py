@@ -12,10 +12,10 @@ import pytest
 
 import specprobe
 from conftest import hf_greedy, varied_prompts
+from specprobe.backends.torch import profile as torch_profile
 from specprobe.commands.main import main
 from specprobe.drafters import hybrid, make_drafter
 from specprobe.drafters.hybrid import ScoredPath, SourceRates, merge_scored
-from specprobe.backends.torch import profile as torch_profile
 from specprobe.engine import budget, cost_curve
 from specprobe.engine.budget import AutoBudget, Calibration, CostCurve, StepCosts, best_size, nodes_tested, parse_budget
 from specprobe.engine.tree import ROOT
