@@ -39,7 +39,7 @@ def test_cost_curve_interpolates_and_extrapolates():
 
 
 def test_an_unsteady_cost_curve_is_measured_again_and_never_saved(monkeypatch, tmp_path, capsys):
-    busy = {1: 0.31, 2: 0.51, 6: 1.27, 32: 0.65}  # measured here during an install: T(32) < T(6) / 2
+    busy = {1: 0.31, 2: 0.51, 6: 1.27, 32: 0.65}  # measured here during an install: T(32) is 0.51x T(6)
     quiet = {1: 0.034, 2: 0.035, 6: 0.047, 32: 0.097}
     runs = iter([busy, quiet])
     monkeypatch.setattr(cost_curve, "forward_times", lambda *a, **k: next(runs))
