@@ -83,6 +83,31 @@ def test_gpu_like_and_cpu_like_curves_give_the_expected_sizes():
     assert best_size(SCORES, rows=lambda n: 1 + n, cost=cpu) == 4
 
 
+@pytest.mark.parametrize("stale", [None, 10**9])
+def test_one_slow_step_does_not_stop_drafting_for_good(monkeypatch, stale):
+    """A 2-row step slowed by a pause prices 2 rows too high to run; while only 1-row steps run,
+    the 2-row price drifts back to the curve's shape, and a likely draft is verified again.
+    Negative control (stale = 10**9, no drift): the budget stays at 0 drafts."""
+    if stale is not None:
+        monkeypatch.setattr(StepCosts, "STALE", stale)
+    costs = StepCosts(CostCurve([1, 2, 3], [0.012, 0.0155, 0.019]))  # llama.cpp's SmolLM2 curve here, T(2)/T(1) 1.29
+    draft = [0.5]  # one node accepted half the time: worth its row at 1.29x, not at 2x
+    rows = lambda n: 1 + n
+    assert best_size(draft, rows, costs) == 1
+    costs.observe(1, 0.012)
+    costs.observe(2, 0.040)  # a pause: 2.6x the curve, under the outlier cut
+    assert best_size(draft, rows, costs) == 0
+    drafted = []
+    for _ in range(100):  # what the budget runs then is what gets timed (about a second of steps)
+        n = best_size(draft, rows, costs)
+        drafted.append(n)
+        costs.observe(rows(n), 0.012 * (1.29 if n else 1.0))
+    if stale is None:
+        assert drafted[-1] == 1 and 20 < drafted.index(1) <= 80
+    else:
+        assert drafted == [0] * 100
+
+
 def test_calibration_rescales_by_depth():
     auto = AutoBudget.__new__(AutoBudget)
     auto.step_costs = StepCosts(CostCurve([1, 64], [1.0, 1.0]))

@@ -207,6 +207,12 @@ class StepCosts:
     alone before any step was timed. Kept with the target's model across requests
     (`Backend.drafter_state`), one per drafter kind, whose per-step costs differ.
 
+    A ratio is only re-timed when a step of its size runs, and the sizes run are chosen from the
+    ratios: one slow step of 2 rows (a pause of the machine) would make 2 rows look too dear to
+    ever run again, and the drafter would stop drafting for the rest of the process (seen: a
+    65-question bench in which the hybrid on llama.cpp drafted nothing). So a ratio not timed for
+    `STALE` steps drifts toward the ratio of the steps that are being timed.
+
     >>> costs = StepCosts(CostCurve([1, 2, 4], [1.0, 1.5, 2.0]))
     >>> costs(2)
     1.5
@@ -215,15 +221,25 @@ class StepCosts:
     ...     costs.observe(2, 1.6)
     >>> round(costs(1), 2), round(costs(2), 2), round(costs(4), 2)   # 4 rows: scaled as 2 rows were
     (0.8, 1.6, 2.13)
+    >>> costs.observe(2, 4.0)  # a pause during a 2-row step: 2 rows now look dearer than they are
+    >>> round(costs(2), 2)
+    2.08
+    >>> for _ in range(100):  # only 1-row steps run after it
+    ...     costs.observe(1, 0.8)
+    >>> round(costs(2), 2)    # back to the curve's shape at the 1-row steps' scale
+    1.21
     """
 
     RATE = 0.2  # weight of the latest step in the running ratio
     OUTLIER = 4.0  # a step this many times its expected time is a pause of the machine, not a cost
+    STALE = 20  # steps after which a ratio not timed since starts drifting
+    DRIFT = 0.05  # per step, toward the ratio just timed
 
     def __init__(self, curve: CostCurve, source: dict | None = None):
         self.curve = curve
         self.source = source  # the backend's curve it was made from (a new one replaces it)
         self.ratio: dict[int, float] = {}
+        self.untimed: dict[int, int] = {}  # q -> steps since a step of q rows was timed
 
     def __call__(self, q: int) -> float:
         if not self.ratio:
@@ -237,6 +253,12 @@ class StepCosts:
             return
         r = seconds / self.curve(q)
         self.ratio[q] = r if q not in self.ratio else (1 - self.RATE) * self.ratio[q] + self.RATE * r
+        self.untimed[q] = 0
+        for k in self.ratio:
+            if k != q:
+                self.untimed[k] = self.untimed.get(k, 0) + 1
+                if self.untimed[k] > self.STALE:
+                    self.ratio[k] += self.DRIFT * (self.ratio[q] - self.ratio[k])
 
 
 def step_costs(target, kind: str) -> StepCosts:
