@@ -7,6 +7,7 @@
 """
 
 from .api import generate, prepare
+from .backend_choice import BackendChoice, choose_backend
 from .drafters import DEFAULT_METHOD, METHODS
 from .engine.decode import GenerationResult, GenerationStats
 from .errors import InvalidOptionError, ModelNotFoundError, PromptTooLongError, SpecProbeError
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "generate",
     "prepare",
+    "choose_backend",
+    "BackendChoice",
     "load",
     "format_prompt",
     "GenerationResult",

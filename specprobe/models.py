@@ -188,6 +188,8 @@ def load(
     de-quantised to `dtype`) or "llamacpp" (a GGUF file on llama.cpp, quantised as it is;
     backend_options: context, threads, gpu_layers, extra_bufts, flash_attention, see
     backends/llamacpp/model.py)."""
+    if backend == "auto":
+        raise InvalidOptionError("load takes the backend to use: for auto, load(name, backend=specprobe.choose_backend(name, method).backend)")
     if backend not in BACKENDS:
         raise InvalidOptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "llamacpp":

@@ -35,6 +35,11 @@ def gemma3():
 
 
 @pytest.fixture(scope="session")
+def smollm2_cpp():
+    return specprobe.load("smollm2-135m", backend="llamacpp")
+
+
+@pytest.fixture(scope="session")
 def spec_bench_questions() -> list[dict]:
     if not SPEC_BENCH.is_file():
         pytest.fail(f"the packaged Spec-Bench questions are missing at {SPEC_BENCH}")

@@ -11,7 +11,7 @@ first:
                                   drafter never imports a backend
     models, tuned, api            loading, saved choices, the Python API;
     integrations/                 drafters inside other engines (vLLM's proposer plug-in)
-    tune, bench/, server, heads/train
+    tune, backend_choice, bench/, server, heads/train
     commands/                     argv; nothing imports it
 """
 
@@ -29,7 +29,7 @@ RANK = {
     "engine": 1,
     "backends": 2, "drafters": 2, "heads": 2, "heads.draft_head": 2,
     "models": 3, "tuned": 3, "integrations": 3, "api": 4, "__init__": 5,
-    "tune": 5, "bench": 5, "server": 5, "heads.train": 5,
+    "tune": 5, "backend_choice": 5, "bench": 5, "server": 5, "heads.train": 5,
     "commands": 6, "__main__": 7,
 }
 FORBIDDEN = [("backends", "drafters"), ("drafters", "backends"), ("backends", "heads"), ("engine", "store")]

@@ -25,11 +25,6 @@ N_TOKENS = 48
 
 
 @pytest.fixture(scope="session")
-def smollm2_cpp():
-    return specprobe.load("smollm2-135m", backend="llamacpp")
-
-
-@pytest.fixture(scope="session")
 def gemma3_cpp():
     return specprobe.load("gemma3-270m", backend="llamacpp")
 

@@ -198,6 +198,8 @@ def to_markdown(summary: dict) -> str:
     options = {m: o for m, o in s.get("method_options", {}).items() if o and m in cells}
     if options or s.get("draft_model"):
         lines.append("Options: " + "; ".join([f"{m} {o}" for m, o in options.items()] + ([f"draft model {s['draft_model']}"] if s.get("draft_model") else [])) + ".")
+    for asked, c in (s.get("backend_choices") or {}).items():
+        lines.append(f"{asked}: {c['backend']}, chosen for {c['chosen_for']} by `specprobe.choose_backend`: {c['reason']}.")
     lines += ["", "## Overall", ""]
     rows = []
     for m in methods:

@@ -45,16 +45,26 @@ METHOD_FLAGS = {
 }
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    """--model, --backend (with `auto` where the command runs a method), --dtype, --device."""
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"built-in alias ({', '.join(BUILTIN_MODELS)}), hub id, model directory or .gguf file (default {DEFAULT_MODEL})",
     )
-    p.add_argument("--backend", default="torch", choices=["torch", "llamacpp"],
-                   help="torch (default: the model in PyTorch) or llamacpp (a GGUF file on llama.cpp, quantised as it is)")
+    p.add_argument("--backend", default="torch", choices=["torch", "llamacpp", *(["auto"] if auto else [])],
+                   help="torch (default: the model in PyTorch), llamacpp (a GGUF file on llama.cpp, quantised as it is)"
+                   + (" or auto (the one that runs the method faster on this machine: timed once, saved)" if auto else ""))
     p.add_argument("--dtype", default="float32", help="torch backend: float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="torch backend: torch device (default cpu)")
+
+
+def resolve_backend(args: argparse.Namespace, method: str, options: dict | None = None) -> None:
+    """Make args.backend concrete: `auto` becomes the backend chosen for `method` (backend_choice.py)."""
+    if args.backend == "auto":
+        from ..backend_choice import choose_backend
+
+        args.backend = choose_backend(args.model, method, options, dtype=args.dtype, device=args.device).backend
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

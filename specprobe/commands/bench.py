@@ -12,7 +12,7 @@ from pathlib import Path
 from ..bench.questions import DEFAULT_QUESTIONS, load_questions
 from ..bench.report import write_summary
 from ..bench.runner import backends_needed, check_methods, check_out_dir, run_bench, split_method
-from ..drafters import DRAFT_MODEL_METHODS, METHODS, make_drafter
+from ..drafters import DEFAULT_METHOD, DRAFT_MODEL_METHODS, METHODS, make_drafter
 from ..errors import InvalidOptionError
 from ..models import load, load_draft
 from .args import add_method_args, add_model_args, add_sampling_args, method_options, sampling_options
@@ -32,6 +32,26 @@ def split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def auto_backends(args: argparse.Namespace, named: list[str]) -> dict[str, dict]:
+    """Resolve `auto` in place: `--backend auto` becomes the backend chosen for the default method,
+    each `M@auto` in `named` becomes `M@<the backend chosen for M>`. Returns what was chosen, by
+    what was asked, for the summary."""
+    from ..backend_choice import choose_backend
+
+    choices = {}
+    if args.backend == "auto":
+        choice = choose_backend(args.model, DEFAULT_METHOD, method_options(args, DEFAULT_METHOD), dtype=args.dtype, device=args.device)
+        args.backend = choice.backend
+        choices["--backend auto"] = {"backend": choice.backend, "chosen_for": DEFAULT_METHOD, "reason": choice.reason}
+    for i, m in enumerate(named):
+        base, backend = split_method(m)
+        if backend == "auto":
+            choice = choose_backend(args.model, base, method_options(args, base), dtype=args.dtype, device=args.device)
+            named[i] = f"{base}@{choice.backend}"
+            choices[m] = {"backend": choice.backend, "chosen_for": base, "reason": choice.reason}
+    return choices
+
+
 def run_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.summarize_only:
@@ -43,7 +63,10 @@ def run_command(args: argparse.Namespace) -> int:
             raise InvalidOptionError(f"--repeats must be at least 1, got {args.repeats}")
         if args.turns not in (1, 2):
             raise InvalidOptionError(f"--turns must be 1 or 2, got {args.turns}")
-        methods = check_methods(split_list(args.methods) if args.methods else default_methods(args.backend), args.draft_model is not None)
+        named = split_list(args.methods)
+        check_methods([m.replace("@auto", "@torch") for m in named or ["ar"]], args.draft_model is not None)  # bad names fail before any timing
+        choices = auto_backends(args, named)
+        methods = check_methods(named or default_methods(args.backend), args.draft_model is not None)
         options = {m: method_options(args, split_method(m)[0]) for m in methods if split_method(m)[0] in METHODS}
         for m, head in (("eagle", args.eagle_head), ("confu", args.confu_head)):
             if m in options and head:
@@ -58,7 +81,7 @@ def run_command(args: argparse.Namespace) -> int:
         lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
         others = {b: load(args.model, dtype=args.dtype, device=args.device, backend=b) for b in sorted(backends_needed(methods, args.backend))}
         draft = load_draft(args.draft_model, lm, args.dtype, args.device) if args.draft_model else None
-        settings = {"questions": args.questions, "categories": categories, "per_category": args.per_category, "dtype": args.dtype, "device": args.device}
+        settings = {"backend_choices": choices or None, "questions": args.questions, "categories": categories, "per_category": args.per_category, "dtype": args.dtype, "device": args.device}
         summary = run_bench(
             lm, questions, methods, out, max_new_tokens=args.max_new_tokens, turns=args.turns, method_options=options,
             draft_model=draft, resume=args.resume, progress=False if args.quiet else None, settings=settings, sampling=sampling,
@@ -76,7 +99,7 @@ def add_parser(sub) -> None:
     )
     add_model_args(b)
     b.add_argument("--questions", default=DEFAULT_QUESTIONS, help="spec-bench (default: Spec-Bench's 480 questions, shipped with specprobe), or a question JSONL file or URL")
-    b.add_argument("--methods", help="comma-separated: specprobe methods (method@torch, method@llamacpp: on that backend), "
+    b.add_argument("--methods", help="comma-separated: specprobe methods (method@torch, method@llamacpp: on that backend; method@auto: on the faster, timed once), "
                    "and the reference rows hf, hf-pld, hf-assisted, hf-uag (transformers), llamacpp, llamacpp-lookup (llama-cpp-python) "
                    "(default: ar, hf and every method needing no draft model)")
     b.add_argument("--categories", help="comma-separated categories to run (default: all)")

@@ -9,7 +9,7 @@ import sys
 
 from ..drafters import DEFAULT_METHOD, DRAFT_MODEL_METHODS, METHODS, make_drafter
 from ..errors import InvalidOptionError, SpecProbeError
-from .args import add_method_args, add_model_args, add_sampling_args, method_options, sampling_options
+from .args import add_method_args, add_model_args, add_sampling_args, method_options, resolve_backend, sampling_options
 
 
 class TextStream:
@@ -79,6 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
                 raise SpecProbeError(f"--method {m} needs --draft-model (a model name, or truncated:N)")
         else:
             make_drafter(m, **options[m])  # validate the options before the slow model load
+    resolve_backend(args, methods[0], options[methods[0]])
     lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if any(m in DRAFT_MODEL_METHODS for m in methods):
         from ..models import load_draft

@@ -111,7 +111,7 @@ def add_parser(sub, add_model_args) -> None:
         "overhead, beside the roofline bound from this machine's measured bandwidth and matmul peak. Saves the curve "
         "that --budget auto reads.",
     )
-    add_model_args(p)
+    add_model_args(p, auto=False)  # it measures the backend it is given
     p.add_argument("--q", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows per forward (default 1 2 4 8 16 32 64)")
     p.add_argument("--context", type=int, default=300, help="tokens in the KV cache (default 300)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported (default 7)")

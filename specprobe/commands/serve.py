@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import InvalidOptionError
-from .args import method_options
+from .args import method_options, resolve_backend
 
 
 def is_loopback(host: str) -> bool:
@@ -53,13 +53,8 @@ def run_command(args) -> int:
         raise InvalidOptionError('specprobe serve needs FastAPI and uvicorn: pip install "specprobe[serve]"') from None
     if args.max_queue < 1:
         raise InvalidOptionError("--max-queue must be >= 1")
-    max_batch = args.max_batch if args.max_batch is not None else default_max_batch(args.backend, args.method)
-    if max_batch < 1:
+    if args.max_batch is not None and args.max_batch < 1:
         raise InvalidOptionError("--max-batch must be >= 1")
-    if max_batch > 1 and args.method in DRAFT_MODEL_METHODS:
-        raise InvalidOptionError(f"--method {args.method} serves one generation at a time (its draft model is shared): use --max-batch 1")
-    if max_batch > 1 and args.backend == "llamacpp" and args.method in AUX_ROW_METHODS:
-        raise InvalidOptionError(f"--method {args.method} drafts from mask rows, which llama.cpp runs for one generation at a time: use --max-batch 1, or a method such as hybrid, suffix, pld")
     if not 0 < args.port < 65536:
         raise InvalidOptionError(f"--port must be in 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("SPECPROBE_API_KEY") or None
@@ -76,6 +71,12 @@ def run_command(args) -> int:
             raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
     else:
         make_drafter(args.method, **options)  # bad options fail before the model loads
+    resolve_backend(args, args.method, options)
+    max_batch = args.max_batch if args.max_batch is not None else default_max_batch(args.backend, args.method)
+    if max_batch > 1 and args.method in DRAFT_MODEL_METHODS:
+        raise InvalidOptionError(f"--method {args.method} serves one generation at a time (its draft model is shared): use --max-batch 1")
+    if max_batch > 1 and args.backend == "llamacpp" and args.method in AUX_ROW_METHODS:
+        raise InvalidOptionError(f"--method {args.method} drafts from mask rows, which llama.cpp runs for one generation at a time: use --max-batch 1, or a method such as hybrid, suffix, pld")
     streams = {"streams": max_batch} if args.backend == "llamacpp" and max_batch > 1 else {}  # a KV stream per generation
     lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend, **streams)
     if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
@@ -90,7 +91,7 @@ def run_command(args) -> int:
 
     access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
         "no API key: loopback only" if is_loopback(args.host) else "no API key, open to the network (--insecure-no-auth)")
-    print(f"specprobe serve: {served.name} ({args.method}, {max_batch} at once) on http://{args.host}:{args.port}/v1; {access}", flush=True)
+    print(f"specprobe serve: {served.name} ({args.method} on {args.backend}, {max_batch} at once) on http://{args.host}:{args.port}/v1; {access}", flush=True)
     if api_key is None and not is_loopback(args.host):
         print("specprobe serve: WARNING: anyone who can reach this port can generate", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")

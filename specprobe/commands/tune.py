@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import InvalidOptionError
 from ..tune import PROMPTS, Trial, candidates, save, to_markdown, tune
+from .args import resolve_backend
 
 
 def run_command(args) -> int:
@@ -32,6 +33,7 @@ def run_command(args) -> int:
             raise InvalidOptionError(f"--budget must be auto or an integer >= 1, got {args.budget!r}")
         for g in grid:
             g["budget"] = budget
+    resolve_backend(args, "esp")  # the masks tuned are ESP's
     lm = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if any(g["mask_init"] == "token:eos" for g in grid):
         eos = lm.tokenizer.eos_token_id
