@@ -29,10 +29,11 @@ from typing import Callable
 import torch
 
 from .api import generate, prepare
+from .backends.llamacpp import library
 from .drafters import DEFAULT_METHOD, DRAFT_MODEL_METHODS, METHODS
-from .errors import InvalidOptionError, ModelNotFoundError
+from .errors import InvalidOptionError
 from .models import BUILTIN_MODELS, gguf_path, load
-from .store import atomic_write, cache_root
+from .store import atomic_write, cache_root, file_name
 
 CHOICE_VERSION = 1  # bumped when either backend's speed changes enough to make saved choices stale
 TORCH_ONLY = ("eagle", "confu")  # need the target's hidden states, which llama.cpp does not expose
@@ -100,9 +101,7 @@ def only_torch_reason(name: str, method: str) -> str | None:
         return f"torch: --backend auto does not time {method}, whose speed depends on its draft model too (name a backend)"
     if name not in BUILTIN_MODELS and not name.endswith(".gguf"):
         return "torch: the llamacpp backend runs GGUF files only"
-    from .backends.llamacpp.library import available
-
-    if not available():
+    if not library.available():
         return "torch: llama-cpp-python is not installed (pip install \"specprobe[llamacpp]\")"
     return None
 
@@ -110,13 +109,11 @@ def only_torch_reason(name: str, method: str) -> str | None:
 def _choice_file(name: str, method: str, options: dict, dtype: str, device: str, llamacpp_options: dict) -> Path:
     path = gguf_path(name)
     st = path.stat()
-    import llama_cpp
-
     settings = json.dumps({"method": method, "options": options, "dtype": dtype, "device": device, "llamacpp": llamacpp_options,
-                           "torch": torch.__version__, "threads": torch.get_num_threads(), "llama_cpp": llama_cpp.__version__}, sort_keys=True, default=str)
+                           "torch": torch.__version__, "threads": torch.get_num_threads(), "llama_cpp": library.llama().__version__}, sort_keys=True, default=str)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     key = f"v{CHOICE_VERSION}-{path.stem}-{st.st_size}-{method}-{digest}"
-    return cache_root() / "backend_choices" / ("".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key) + ".json")
+    return cache_root() / "backend_choices" / (file_name(key) + ".json")
 
 
 def measure(models: dict, method: str, options: dict, prompts=CALIBRATION_PROMPTS, tokens: int = CALIBRATION_TOKENS,
@@ -125,16 +122,16 @@ def measure(models: dict, method: str, options: dict, prompts=CALIBRATION_PROMPT
     first (its cost curve measured or read, a warm-up run), the backends' order rotated per prompt."""
     for lm in models.values():
         prepare(lm.model, lm.tokenizer, [method], {method: options}, log=log)
-    new, forwards, seconds, verify = ({b: 0 for b in models}, {b: 0 for b in models}, {b: 0.0 for b in models}, {b: 0.0 for b in models})
+    runs = {b: [] for b in models}  # backend -> the GenerationStats of each prompt
     for i, prompt in enumerate(prompts):
         for backend in list(models)[i % len(models):] + list(models)[: i % len(models)]:
             lm = models[backend]
-            stats = generate(lm.model, lm.tokenizer, prompt, method=method, max_new_tokens=tokens, **options).stats
-            new[backend] += stats.new_tokens
-            forwards[backend] += stats.target_forwards
-            seconds[backend] += stats.wall_time
-            verify[backend] += stats.verify_time
-    return [BackendTrial(b, new[b] / seconds[b], new[b] / forwards[b], 1000 * verify[b] / forwards[b]) for b in models]
+            runs[backend].append(generate(lm.model, lm.tokenizer, prompt, method=method, max_new_tokens=tokens, **options).stats)
+    trials = []
+    for backend, stats in runs.items():
+        new, forwards = sum(s.new_tokens for s in stats), sum(s.target_forwards for s in stats)
+        trials.append(BackendTrial(backend, new / sum(s.wall_time for s in stats), new / forwards, 1000 * sum(s.verify_time for s in stats) / forwards))
+    return trials
 
 
 def _stderr(line: str) -> None:
@@ -157,8 +154,8 @@ def choose_backend(name: str, method: str = DEFAULT_METHOD, options: dict | None
     llamacpp_options = {k: v for k, v in (llamacpp_options or {}).items() if v is not None}
     reason = only_torch_reason(name, method)
     if reason:
-        if name.endswith(".gguf") and not Path(name).expanduser().is_file():
-            raise ModelNotFoundError(f"no such GGUF file: {name}")
+        if name.endswith(".gguf"):
+            gguf_path(name)  # a missing file is an error, not a reason to pick torch
         log(f"--backend auto chose {reason}")
         return BackendChoice("torch", reason)
     path = _choice_file(name, method, options, dtype, device, llamacpp_options)

@@ -17,6 +17,15 @@ from pathlib import Path
 from filelock import FileLock
 
 
+def file_name(key: str) -> str:
+    """`key` as a file name: letters, digits and `-._` kept, anything else `_`.
+
+    >>> file_name("c3-llama-30x576-torch.float32-cpu/t2")
+    'c3-llama-30x576-torch.float32-cpu_t2'
+    """
+    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SPECPROBE_CACHE", Path.home() / ".cache" / "specprobe"))
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .store import atomic_write, cache_root
+from .store import atomic_write, cache_root, file_name
 
 TUNED_METHODS = ("esp", "hybrid")
 TUNED_KEYS = ("mask_init", "masks", "branching")
@@ -24,7 +24,7 @@ def model_key(model) -> str:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head = model.get_output_embeddings().weight
     key = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{head.shape[0]}-{head.dtype}-{head.device.type}"
-    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
+    return file_name(key)
 
 
 def settings_root() -> Path:

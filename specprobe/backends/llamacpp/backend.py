@@ -36,7 +36,7 @@ from ...engine.cost_curve import measure_cost_curve
 from ...engine.protocol import ForwardRequest, VerifyOutput
 from ...engine.tree import AuxRows, DraftTree, Layout, rows_structure
 from ...errors import InvalidOptionError
-from ...store import atomic_write, cache_root
+from ...store import atomic_write, cache_root, file_name
 from .library import llama
 from .model import N_BATCH, N_SEQ_MAX, LlamaCppModel
 from .sequences import assign_sequences
@@ -399,7 +399,7 @@ class LlamaCppBackend:
         s = self.settings
         key = (f"llamacpp-c{CURVE_VERSION}-{self.path.stem}-{st.st_size}-t{self.threads}-fa{int(s.flash_attention)}-x{int(s.extra_bufts)}"
                f"-kv{'32' if s.kv_float32 else '16'}-g{s.gpu_layers}")
-        return cache_root() / "cost_curves" / ("".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key) + ".json")
+        return cache_root() / "cost_curves" / (file_name(key) + ".json")
 
     def _stored(self) -> dict:
         try:

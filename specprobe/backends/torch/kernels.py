@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...store import atomic_write, cache_root, locked
+from ...store import atomic_write, cache_root, file_name, locked
 
 KERNELS = {
     "linear": lambda w, h: F.linear(h, w),  # w [V, hidden], h [q, hidden] -> [q, V]
@@ -143,8 +143,7 @@ def measure_kernels(shape: tuple[int, int], dtype=torch.float32, device="cpu", q
 def _plan_file(shape, dtype, device, kernels=LAYER_KERNELS) -> Path:
     head = f"head{len(kernels)}-" if "vm" in kernels else ""
     key = f"v{PLAN_VERSION}-{head}{shape[0]}x{shape[1]}-{dtype}-{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
-    safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
-    return cache_root() / "kernels" / f"{safe}.json"
+    return cache_root() / "kernels" / f"{file_name(key)}.json"
 
 
 def load_or_measure_costs(shape, dtype=torch.float32, device="cpu", verbose: bool = True, kernels=LAYER_KERNELS) -> dict[tuple[str, int], float]:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ...engine.cost_curve import forward_times, measure_cost_curve, prefilled, star
-from ...store import atomic_write, cache_root
+from ...store import atomic_write, cache_root, file_name
 from .kv_cache import cache_kwargs, cache_length, keep_rows
 
 PROFILE_Q = (1, 2, 4, 8, 16, 32, 64)
@@ -191,8 +191,7 @@ def profile(target, name: str, qs=PROFILE_Q, context: int = 300, repeats: int = 
 def _curve_file(target):
     w = target.head.weight
     key = f"c{CURVE_VERSION}-{target.config.model_type}-{target.config.num_hidden_layers}x{target.config.hidden_size}-v{w.shape[0]}-{target.dtype}-{target.device.type}-t{torch.get_num_threads()}"
-    safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in key)
-    return cache_root() / "cost_curves" / f"{safe}.json"
+    return cache_root() / "cost_curves" / f"{file_name(key)}.json"
 
 
 def save_cost_curve(target, times: dict[int, float]) -> None:
