@@ -53,17 +53,24 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["ar", "suffix", "hybrid"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8, 13])
     ap.add_argument("--per-category", type=int, default=1)
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first SKIP questions of each category (--skip 1: "
+                    "the questions `vllm_rows --per-category 2` runs at its larger batch)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     extra = {"streams": max(args.batch)} if args.backend == "llamacpp" else {}
-    lm = specprobe.load(args.model, backend=args.backend, **extra)
-    questions = load_questions(per_category=args.per_category)
+    questions, seen = [], {}
+    for q in load_questions(per_category=args.skip + args.per_category):
+        seen[q["category"]] = seen.get(q["category"], 0) + 1
+        if seen[q["category"]] > args.skip:
+            questions.append(q)
     prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
-    # one worker thread runs everything on the model, as the server does (Batcher.call says why)
-    batcher = Batcher(target_of(lm.model), 1)
+    # one worker thread runs everything on the model, loading included, as the server does (engine/batch.py says why)
+    batcher = Batcher(None, 1)
+    lm = batcher.call(lambda: specprobe.load(args.model, backend=args.backend, **extra)).result()
+    batcher.target = batcher.call(lambda: target_of(lm.model)).result()
     batcher.call(lambda: specprobe.prepare(lm.model, lm.tokenizer, args.methods)).result()
     alone = batcher.call(lambda: [generate(lm.model, lm.tokenizer, m, method="ar", max_new_tokens=args.max_new_tokens).token_ids for m in prompts]).result()
     runs = [(m, b) for m in args.methods for b in args.batch]

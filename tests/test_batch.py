@@ -2,9 +2,10 @@
 mid-generation, each one's output equal to the same request run alone.
 
 On llama.cpp the generations share one decode per round, each in a KV stream of its own
-(`streams`); on the torch backend their forwards run one after another in the same rounds. Greedy
-outputs must be token-identical to the request alone (and to plain decoding), sampled ones equal
-for the same seed; the budget must draft less beside a full batch.
+(`streams`); on the torch backend their rows share one forward of the model, each generation's
+attention over its own cache (backends/torch/many.py). Greedy outputs must be token-identical to
+the request alone (and to plain decoding), sampled ones equal for the same seed; the budget must
+draft less beside a full batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import specprobe
 from specprobe.api import generate, new_generation, target_of
 from specprobe.backends.llamacpp.library import available
+from specprobe.backends.torch.many import ManyCache
 from specprobe.engine.batch import Batcher
 from specprobe.engine.budget import AutoBudget
 from tests.conftest import varied_prompts
@@ -109,12 +111,51 @@ def test_stream_limit_is_a_clear_error(smollm2_streams):
             target.release(c)
 
 
-def test_torch_backend_interleaved_equals_alone(smollm2, spec_bench_questions):
-    prompts = varied_prompts(spec_bench_questions, 4)
-    lengths = [24, 10, 18, 14]
-    results, batcher = _batched(smollm2, prompts, lengths, max_batch=3, late_from=2, method="hybrid")
+class _ForwardCounter:
+    """Counts the target decoder's forwards, and those that carried several generations' rows."""
+
+    def __init__(self, lm):
+        self.calls = self.shared = 0
+        self.handle = target_of(lm.model).decoder.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        self.calls += 1
+        self.shared += isinstance(kwargs.get("cache", kwargs.get("past_key_values")), ManyCache)
+
+
+def _long_and_short(questions: list[dict], n: int) -> list[str]:
+    """The shortest first turn of over 2,500 characters (past Gemma3's 512-token sliding window)
+    and n - 1 varied others."""
+    long = min((q["turns"][0] for q in questions if len(q["turns"][0]) > 2500), key=len)
+    return [long] + [p for p in varied_prompts(questions, n) if p != long][: n - 1]
+
+
+@pytest.mark.parametrize("model_name, method", [("smollm2", "hybrid"), ("gemma3", "pld")])
+def test_torch_backend_shares_forwards_equals_alone(request, spec_bench_questions, model_name, method):
+    lm = request.getfixturevalue(model_name)
+    prompts = _long_and_short(spec_bench_questions, 4)
+    lengths = [20, 8, 14, 10]
+    counter = _ForwardCounter(lm)
+    try:
+        results, batcher = _batched(lm, prompts, lengths, max_batch=3, late_from=2, method=method)
+    finally:
+        counter.handle.remove()
     assert batcher.largest_batch == 3
-    assert _check_alone(smollm2, prompts, lengths, results, "hybrid") > 0
+    assert counter.shared > 0  # several generations' rows went through one forward
+    assert counter.calls < sum(r[1].target_forwards for r in results)  # fewer forwards than the generations' steps
+    assert _check_alone(lm, prompts, lengths, results, method) > 0
+
+
+def test_torch_backend_sampling_same_seed_same_text(smollm2, spec_bench_questions):
+    prompts = varied_prompts(spec_bench_questions, 3)
+    lengths = [16, 10, 12]
+    options = dict(temperature=0.8, top_p=0.95, seed=1234)
+    results, batcher = _batched(smollm2, prompts, lengths, max_batch=3, method="hybrid", **options)
+    assert batcher.largest_batch == 3
+    for prompt, n, (ids, _, _) in zip(prompts, lengths, results):
+        assert ids == generate(smollm2.model, smollm2.tokenizer, prompt, method="hybrid", max_new_tokens=n, **options).token_ids
+    other = generate(smollm2.model, smollm2.tokenizer, prompts[0], method="hybrid", max_new_tokens=lengths[0], **{**options, "seed": 99})
+    assert other.token_ids != results[0][0]  # negative control: another seed gives another text
 
 
 class _Target:

@@ -26,25 +26,24 @@ def is_loopback(host: str) -> bool:
 
 
 AUX_ROW_METHODS = ("esp", "lookahead")  # their drafts come from auxiliary rows (ESP's masks, lookahead's window)
-LLAMACPP_MAX_BATCH = 8  # generations at once on llama.cpp unless told: a KV stream each (memory: 8 contexts' worth)
+DEFAULT_MAX_BATCH = 8  # generations at once unless told (llama.cpp: a KV stream each, memory for 8 contexts)
 
 
 def default_max_batch(backend: str, method: str) -> int:
-    """Generations served side by side unless --max-batch says: on llama.cpp, whose rows of
-    several generations share one decode (nearly free on a memory-bound CPU step), 8 for the
-    methods that batch; on the torch backend 1 (its forwards run one generation at a time, so
-    stepping several side by side would only share the machine between them)."""
+    """Generations served side by side unless --max-batch says: 8 for the methods that batch (the
+    rows of several generations share one forward, nearly free on a memory-bound step: a KV stream
+    each on llama.cpp, their own caches in one forward on torch); 1 for draft-model methods (their
+    draft model is shared) and, on llama.cpp, for methods that draft from mask rows."""
     from ..drafters import DRAFT_MODEL_METHODS
 
-    if backend == "llamacpp" and method not in AUX_ROW_METHODS and method not in DRAFT_MODEL_METHODS:
-        return LLAMACPP_MAX_BATCH
-    return 1
+    if method in DRAFT_MODEL_METHODS or (backend == "llamacpp" and method in AUX_ROW_METHODS):
+        return 1
+    return DEFAULT_MAX_BATCH
 
 
 def run_command(args) -> int:
     from ..drafters import DRAFT_MODEL_METHODS, make_drafter
-    from ..models import load, load_draft
-    from ..server import Served, create_app
+    from ..server import create_app
 
     try:
         import fastapi  # noqa: F401
@@ -71,6 +70,39 @@ def run_command(args) -> int:
             raise InvalidOptionError(f"--method {args.method} needs --draft-model NAME (or truncated:N)")
     else:
         make_drafter(args.method, **options)  # bad options fail before the model loads
+    from ..api import prepare
+    from ..engine.batch import Batcher
+
+    # everything that runs the model's kernels (timing --backend auto, loading, every generation)
+    # runs on the batcher's one thread: engine/batch.py says why
+    batcher = Batcher(None, 1)
+    try:
+        served = batcher.call(lambda: _load(args, options, limits, batcher)).result()
+    except BaseException:
+        batcher.close()
+        raise
+    max_batch, lm = served.max_batch, served.lm
+    # no client waits for one-time work; done on the thread that will run every generation (Batcher.call)
+    batcher.call(lambda: prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})).result()
+    import uvicorn
+
+    access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
+        "no API key: loopback only" if is_loopback(args.host) else "no API key, open to the network (--insecure-no-auth)")
+    print(f"specprobe serve: {served.name} ({args.method} on {args.backend}, {max_batch} at once) on http://{args.host}:{args.port}/v1; {access}", flush=True)
+    if api_key is None and not is_loopback(args.host):
+        print("specprobe serve: WARNING: anyone who can reach this port can generate", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _load(args, options: dict, limits, batcher):
+    """On the batcher's thread: the backend resolved, the model (and a draft model) loaded, the
+    batch size checked, and the `Served` that the app serves, on `batcher`."""
+    from ..api import target_of
+    from ..drafters import DRAFT_MODEL_METHODS, make_drafter
+    from ..models import load, load_draft
+    from ..server import Served
+
     resolve_backend(args, args.method, options)
     max_batch = args.max_batch if args.max_batch is not None else default_max_batch(args.backend, args.method)
     if max_batch > 1 and args.method in DRAFT_MODEL_METHODS:
@@ -82,20 +114,10 @@ def run_command(args) -> int:
     if args.method in DRAFT_MODEL_METHODS:  # omnidraft adapts its drafter between requests (one at a time)
         options["draft_model"] = load_draft(args.draft_model, lm, args.dtype, args.device)
         make_drafter(args.method, **options)
-    from ..api import prepare
-
-    served = Served(lm, args.served_name or args.model, args.method, options, max(args.max_queue, max_batch), limits, max_batch=max_batch)
-    # no client waits for one-time work; done on the thread that will run every generation (Batcher.call)
-    served.batcher.call(lambda: prepare(lm.model, lm.tokenizer, [args.method], {args.method: options})).result()
-    import uvicorn
-
-    access = "an API key is needed (Authorization: Bearer ...)" if api_key else (
-        "no API key: loopback only" if is_loopback(args.host) else "no API key, open to the network (--insecure-no-auth)")
-    print(f"specprobe serve: {served.name} ({args.method} on {args.backend}, {max_batch} at once) on http://{args.host}:{args.port}/v1; {access}", flush=True)
-    if api_key is None and not is_loopback(args.host):
-        print("specprobe serve: WARNING: anyone who can reach this port can generate", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
-    return 0
+    batcher.target = target_of(lm.model)
+    batcher.max_batch = max_batch
+    return Served(lm, args.served_name or args.model, args.method, options, max(args.max_queue, max_batch), limits,
+                  max_batch=max_batch, batcher=batcher)
 
 
 def add_parser(sub, add_model_args, add_method_args) -> None:
@@ -110,7 +132,7 @@ def add_parser(sub, add_model_args, add_method_args) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=32, help="requests running or waiting before 429 (default 32; at least --max-batch)")
     p.add_argument("--max-batch", type=int, help=f"generations served side by side, one speculative step each per forward "
-                   f"(default: {LLAMACPP_MAX_BATCH} on --backend llamacpp, a KV stream each; 1 on torch)")
+                   f"(default: {DEFAULT_MAX_BATCH}; 1 for draft-model methods, and for esp and lookahead on llama.cpp)")
     p.add_argument("--served-name", help="the model name clients use (default: --model)")
     p.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: $SPECPROBE_API_KEY; none: loopback only)")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")

@@ -1,8 +1,9 @@
 """Continuous batching: many generations on one target, one speculative step each per forward.
 
 Each round every active generation proposes (its pending token, its tree), the target runs all of
-their rows in one forward (`protocol.forward_all`: together on a backend with `forward_many`,
-llama.cpp with a KV stream per generation; one after another elsewhere), and each generation
+their rows in one forward (`protocol.forward_all`: together on a backend with `forward_many`:
+llama.cpp with a KV stream per generation, torch with each generation's attention over its own
+cache, backends/torch/many.py; one after another elsewhere), and each generation
 accepts and commits its own part. Generations join between rounds and leave when they stop, as in
 vLLM's scheduler or llama.cpp's server slots. A generation's tokens never depend on the others:
 each row sees only its own cache and tree, and a backend's `forward_many` computes every row
@@ -16,8 +17,14 @@ full batch drafts less and a lone request drafts exactly as it always has.
 
 `Batcher` is the server's worker: one thread owns the target and runs the rounds; requests come
 in as factories of `Generation` (built on that thread: a backend's context belongs to it) and
-leave through a `concurrent.futures.Future`; other work on the target (a warm-up) goes through
-`Batcher.call`, on the same thread.
+leave through a `concurrent.futures.Future`; other work on the target (loading it, a warm-up)
+goes through `Batcher.call`, on the same thread. That thread should be the only one that ever runs
+the model's kernels, loading included: both PyTorch and llama.cpp parallelise with OpenMP, whose
+thread teams belong to the thread that started them, and with a second team alive libgomp sees
+more threads than cores and stops spinning in its barriers (measured on 2 cores: a round of 13
+SmolLM2 generations on the torch backend took 151-157 ms on a worker thread after the main thread
+had loaded the model, 89-91 ms with everything on one thread; llama.cpp's decoding was 2.6x
+slower). Hence `Batcher(None, n)`, the model loaded through `batcher.call`, then `batcher.target` set.
 """
 
 from __future__ import annotations
@@ -67,7 +74,9 @@ class Batcher:
     """Up to `max_batch` generations side by side on `target`, the rest waiting in arrival order."""
 
     def __init__(self, target, max_batch: int, name: str = "specprobe-batch"):
-        """max_batch: read before each admission, so it may be changed while the batcher runs."""
+        """target: the backend the rounds run on (None: set it before submitting, once the model is
+        loaded through `call`);
+        max_batch: read before each admission, so it may be changed while the batcher runs."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.target = target

@@ -58,7 +58,7 @@ class ForwardRequest:
 
 def forward_all(backend, requests: list[ForwardRequest]) -> list[VerifyOutput]:
     """One forward per request: together where the backend offers `forward_many` (llama.cpp with
-    several streams), else one after another."""
+    several streams, torch), else one after another."""
     many = getattr(backend, "forward_many", None)
     if many is not None and len(requests) > 1:
         return many(requests)

@@ -22,12 +22,15 @@ on an H100): docs/engine-measurements.md.
 
 `use_grouped_attention(decoder)` switches a decoder COPY to it (the engine's planned decoder owns
 its own config); any case it does not cover (no grouping, a per-head mask, attention biases,
-softcapping, prefill without a mask) goes to transformers' own SDPA function unchanged.
+softcapping, prefill without a mask) goes to transformers' own SDPA function unchanged. It is also
+where the rows of several generations in one forward (many.py) are split, each to its own cache.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
+
+from .many import SplitRows, attend_split
 
 NAME = "specprobe_grouped_sdpa"
 
@@ -37,6 +40,8 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     attention_mask [b, 1, q, keys] (additive or boolean) or None. Returns ([b, q, heads, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if isinstance(key, SplitRows):  # several generations' rows in one forward (many.py): each over its own cache
+        return attend_split(grouped_sdpa, module, query, key, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = getattr(module, "num_key_value_groups", 1)
     batch, heads, q, dim = query.shape
     plain = (

@@ -21,13 +21,14 @@ import weakref
 
 import torch
 
-from ...engine.protocol import VerifyOutput
+from ...engine.protocol import ForwardRequest, VerifyOutput
 from ...engine.tree import AuxRows, DraftTree, Layout
 from ...errors import InvalidOptionError
 from . import kv_cache
 from .attention import use_grouped_attention
 from .draft_vocab import TokenFrequencies
 from .kernels import LMHead, planned_decoder
+from .many import forward_many
 from .masks import additive_masks, attention_masks
 
 KERNEL_MODES = ("planned", "linear")
@@ -92,11 +93,12 @@ class TorchBackend:
         head, softcap = model.get_output_embeddings().weight, getattr(cfg, "final_logit_softcapping", None)
         if kernels == "planned":
             self.decoder = planned_decoder(model.get_decoder())  # the model without its LM head: a copy with its own config
-            use_grouped_attention(self.decoder)  # tree rows attend without copying the cache (and, on CUDA, without
+            self.shares_forwards = use_grouped_attention(self.decoder)  # tree rows attend without copying the cache (and, on CUDA, without
             # the stride-0 key/value views that repeat_kv makes for one key/value head: see attention.py)
             self.head = LMHead.tuned(head, softcap)
         else:
             self.decoder = model.get_decoder()
+            self.shares_forwards = False
             self.head = LMHead(head, softcap)
         self.cache_keyword = kv_cache.cache_keyword(self.decoder)
         self.dtype = self.embedding.weight.dtype
@@ -287,3 +289,10 @@ class TorchBackend:
             logits = self.head(hidden[root:])
             logits, aux_logits = logits[:n_real], (logits[n_real:] if n_aux else None)
         return VerifyOutput(logits, aux_logits, out.hidden_states if output_hidden_states else None, layout)
+
+    def forward_many(self, requests: list[ForwardRequest]) -> list[VerifyOutput]:
+        """What `forward` gives each request alone; the rows of several generations' steps share one
+        forward of the model (many.py) where the decoder runs the grouped attention that splits them."""
+        if not self.shares_forwards:
+            return [self.forward(r.cache, r.pending, r.tree, r.aux, r.output_hidden_states) for r in requests]
+        return forward_many(self, requests)
