@@ -64,12 +64,13 @@ def _batched(lm, prompts, lengths, max_batch, late_from=3, **options):
     return results, batcher
 
 
-def _check_alone(lm, prompts, lengths, results, method, **options):
+def _check_alone(lm, prompts, lengths, results, **options):
+    """Each batched greedy output equals plain decoding (`ar`) of the request alone, which every
+    method's output alone equals (tests/test_llamacpp.py, test_parity.py); returns the drafted
+    tokens the batched generations accepted."""
     accepted = 0
     for prompt, n, (ids, stats, _) in zip(prompts, lengths, results):
-        alone = generate(lm.model, lm.tokenizer, prompt, method=method, max_new_tokens=n, **options)
-        plain = generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=n, **options)
-        assert ids == alone.token_ids == plain.token_ids
+        assert ids == generate(lm.model, lm.tokenizer, prompt, method="ar", max_new_tokens=n, **options).token_ids
         accepted += sum(a - 1 for a in stats.accept_lengths)
     return accepted
 
@@ -82,7 +83,7 @@ def test_llamacpp_streams_batched_equals_alone(request, spec_bench_questions, mo
     results, batcher = _batched(lm, prompts, LENGTHS, max_batch=lm.model.streams, method=method)
     assert batcher.largest_batch == lm.model.streams  # the batch was full at some round
     assert batcher.rounds < sum(len(r[0]) for r in results)  # rows of several requests shared forwards
-    assert _check_alone(lm, prompts, LENGTHS, results, method) > 0  # drafts were accepted
+    assert _check_alone(lm, prompts, LENGTHS, results) > 0  # drafts were accepted
 
 
 @needs_llamacpp
@@ -134,7 +135,8 @@ def _long_and_short(questions: list[dict], n: int) -> list[str]:
 def test_torch_backend_shares_forwards_equals_alone(request, spec_bench_questions, model_name, method):
     lm = request.getfixturevalue(model_name)
     prompts = _long_and_short(spec_bench_questions, 4)
-    lengths = [20, 8, 14, 10]
+    lengths = [16, 6, 12, 8]
+    target_of(lm.model).cost_curve()  # measured once per machine, with forwards of its own: not to be counted
     counter = _ForwardCounter(lm)
     try:
         results, batcher = _batched(lm, prompts, lengths, max_batch=3, late_from=2, method=method)
@@ -143,7 +145,7 @@ def test_torch_backend_shares_forwards_equals_alone(request, spec_bench_question
     assert batcher.largest_batch == 3
     assert counter.shared > 0  # several generations' rows went through one forward
     assert counter.calls < sum(r[1].target_forwards for r in results)  # fewer forwards than the generations' steps
-    assert _check_alone(lm, prompts, lengths, results, method) > 0
+    assert _check_alone(lm, prompts, lengths, results) > 0  # drafts were accepted
 
 
 def test_torch_backend_sampling_same_seed_same_text(smollm2, spec_bench_questions):
