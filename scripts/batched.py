@@ -7,7 +7,7 @@ first submission to the last result), the mean per-request tokens per second, ta
 outputs equal the same request run alone with `ar` (must be all: batching is lossless). The
 default questions are the first turn of the first `--per-category` question of each Spec-Bench
 category (13 at 1), 128 new tokens, greedy; every run starts without what earlier runs' outputs
-taught the drafters (`forget_outputs`: the same questions are asked in every run); the order of the (method, N) runs is rotated over
+taught the drafters (`fresh_start`: the same questions are asked in every run); the order of the (method, N) runs is rotated over
 `--repeats` so that a slow minute of the machine does not fall on one configuration.
 
     python scripts/batched.py --backend llamacpp --batch 1 4 8 13 --methods ar suffix hybrid
@@ -25,26 +25,22 @@ import time
 import specprobe
 from specprobe.api import generate, new_generation, target_of
 from specprobe.bench.questions import load_questions
+from specprobe.drafters import forget_outputs
 from specprobe.engine.batch import Batcher
 
-LEARNED_FROM_OUTPUTS = ("suffix-outputs", "adjacency-matrix")  # drafter_state keys (drafters/suffix.py, hybrid.py, token_recycling.py)
 
-
-def forget_outputs(target, scope: str) -> None:
+def fresh_start(target, scope: str) -> None:
     """Start a run as a fresh server would: without the suffix tries and Token Recycling matrices
     that an earlier run filled with the answers to these same questions (a greedy answer is the
     same each run: a method that learns from outputs would copy it whole), and with a learning
-    scope of its own for the torch backend's reduced head. What the process knows of the machine
-    (step costs, chain calibration) is kept."""
-    state = target.drafter_state()
-    for key in [k for k in state if isinstance(k, tuple) and k and k[0] in LEARNED_FROM_OUTPUTS]:
-        del state[key]
+    scope of its own for the torch backend's reduced head."""
+    forget_outputs(target.drafter_state())
     target.learning_scope(scope)
 
 
 def run(batcher: Batcher, lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_tokens: int) -> dict:
     batcher.max_batch = max_batch
-    batcher.call(lambda: forget_outputs(batcher.target, f"{method}@{max_batch}")).result()
+    batcher.call(lambda: fresh_start(batcher.target, f"{method}@{max_batch}")).result()
     rounds = batcher.rounds
     t0 = time.perf_counter()
     futures = [batcher.submit(lambda m=m: new_generation(lm.model, lm.tokenizer, m, method=method, max_new_tokens=max_new_tokens)) for m in prompts]

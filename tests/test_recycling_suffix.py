@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specprobe
-from specprobe.drafters.suffix import CHILDREN, COUNT, GlobalOutputs, SuffixTrie, speculate
-from specprobe.drafters.token_recycling import TAIL_CUT, AdjacencyMatrix, top_k_probabilities
+from specprobe.drafters import forget_outputs
+from specprobe.drafters.suffix import CHILDREN, COUNT, OUTPUTS_KEY, GlobalOutputs, SuffixTrie, speculate
+from specprobe.drafters.token_recycling import MATRIX_KEY, TAIL_CUT, AdjacencyMatrix, top_k_probabilities
 from specprobe.errors import InvalidOptionError
 from specprobe.models import format_prompt
 
@@ -182,6 +183,20 @@ def test_suffix_learns_from_earlier_outputs(smollm2):
     second = specprobe.generate(smollm2.model, smollm2.tokenizer, prompt, **options)
     assert second.token_ids == first.token_ids
     assert second.stats.tau > max(2.0, first.stats.tau)
+
+
+def test_forget_outputs_drops_only_what_was_learned_from_outputs(smollm2):
+    """What scripts/batched.py calls before each run: the suffix tries and adjacency matrices the
+    three methods filled go; what else the target keeps (the hybrid's chain calibration) stays."""
+    state = specprobe.api.target_of(smollm2.model).drafter_state()
+    for method in ("suffix", "token-recycling", "hybrid"):
+        specprobe.generate(smollm2.model, smollm2.tokenizer, "Count from one to five.", method=method, max_new_tokens=4)
+    learned = {k for k in state if k[0] in (OUTPUTS_KEY, MATRIX_KEY)}
+    assert {k[0] for k in learned} == {OUTPUTS_KEY, MATRIX_KEY} and any(k[1] == "hybrid" for k in learned)
+    kept = {k: v for k, v in state.items() if k not in learned}
+    assert any(k[0] == "chain-calibration" for k in kept)
+    forget_outputs(state)
+    assert state == kept and all(state[k] is v for k, v in kept.items())
 
 
 def test_token_recycling_state_file(smollm2, tmp_path):

@@ -15,8 +15,8 @@ from .hybrid import HybridConfig, HybridDrafter
 from .lookahead import LookaheadConfig, LookaheadDrafter
 from .omnidraft import OmniDraftConfig, OmniDraftDrafter, OmniDraftFrozenDrafter
 from .prompt_lookup import PLDConfig, PLDDrafter
-from .suffix import SuffixConfig, SuffixDrafter
-from .token_recycling import TokenRecyclingConfig, TokenRecyclingDrafter
+from .suffix import OUTPUTS_KEY, SuffixConfig, SuffixDrafter
+from .token_recycling import MATRIX_KEY, TokenRecyclingConfig, TokenRecyclingDrafter
 
 # method name -> (drafter class, its config dataclass or None)
 METHODS: dict[str, tuple[type[Drafter], type | None]] = {
@@ -60,4 +60,12 @@ def make_drafter(method: str, **options) -> Drafter:
     return cls(config_cls(**options))
 
 
-__all__ = ["Acceptance", "Drafter", "Proposal", "StepResult", "METHODS", "DEFAULT_METHOD", "DRAFT_MODEL_METHODS", "make_drafter"]
+def forget_outputs(state: dict) -> None:
+    """Drop from a target's `drafter_state()` what drafters learned from earlier requests' outputs
+    (suffix tries, Token Recycling matrices), as a fresh process would start; what they learned of
+    the machine and model (step costs, chain calibration) stays."""
+    for key in [k for k in state if isinstance(k, tuple) and k and k[0] in (OUTPUTS_KEY, MATRIX_KEY)]:
+        del state[key]
+
+
+__all__ = ["Acceptance", "Drafter", "Proposal", "StepResult", "METHODS", "DEFAULT_METHOD", "DRAFT_MODEL_METHODS", "forget_outputs", "make_drafter"]

@@ -41,7 +41,7 @@ from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
 from .esp import ESPConfig, ESPDrafter, ranked_tree
 from .ngram import NGramPool, ends_in_repeat, find_continuations
-from .suffix import GlobalOutputs, SuffixConfig, SuffixSource
+from .suffix import OUTPUTS_KEY, GlobalOutputs, SuffixConfig, SuffixSource
 from .token_recycling import computed_rows, shared_matrix
 
 SOURCES = ("esp", "pld", "pool", "recycle", "suffix")
@@ -220,7 +220,7 @@ class HybridDrafter(Drafter):
         self.suffix = None
         if c.suffix:
             suffix_config = SuffixConfig()
-            key = ("suffix-outputs", self.name, suffix_config.max_tree_depth, suffix_config.max_cached_requests)
+            key = (OUTPUTS_KEY, self.name, suffix_config.max_tree_depth, suffix_config.max_cached_requests)
             outputs = target.drafter_state().setdefault(key, GlobalOutputs(suffix_config.max_tree_depth, suffix_config.max_cached_requests))
             self.suffix = SuffixSource(suffix_config, session.ids, outputs)
 

@@ -27,6 +27,8 @@ from ..engine.protocol import Drafter, Proposal, StepResult
 from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
 
+OUTPUTS_KEY = "suffix-outputs"  # drafter_state key of the tries of earlier requests' outputs (here and in hybrid.py)
+
 # a node is [count, {token: node}]: how often its substring occurred, and what followed it
 COUNT, CHILDREN = 0, 1
 
@@ -262,7 +264,7 @@ class SuffixDrafter(Drafter):
     def start(self, session) -> None:
         c = self.config
         state = session.target.drafter_state()
-        key = ("suffix-outputs", c.max_tree_depth, c.max_cached_requests)
+        key = (OUTPUTS_KEY, c.max_tree_depth, c.max_cached_requests)
         if c.max_cached_requests and key not in state:
             state[key] = GlobalOutputs(c.max_tree_depth, c.max_cached_requests)
         self.source = SuffixSource(c, session.ids, state.get(key))

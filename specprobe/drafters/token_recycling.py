@@ -29,6 +29,8 @@ from ..engine.tree import ROOT, DraftTree, Layout
 from ..errors import InvalidOptionError
 from ..store import save_torch
 
+MATRIX_KEY = "adjacency-matrix"  # drafter_state key of a drafter's adjacency matrix (here and in hybrid.py, through shared_matrix)
+
 STATE_VERSION = 1
 
 
@@ -168,7 +170,7 @@ def shared_matrix(target, owner: str, k: int, state_file: str | None) -> Adjacen
     import os
 
     state = target.drafter_state()
-    key = ("adjacency-matrix", owner, k, state_file)
+    key = (MATRIX_KEY, owner, k, state_file)
     matrix = state.get(key)
     if matrix is None:
         if state_file and os.path.exists(state_file):
