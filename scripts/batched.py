@@ -38,9 +38,9 @@ def fresh_start(target, scope: str) -> None:
     target.learning_scope(scope)
 
 
-def run(batcher: Batcher, lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_tokens: int) -> dict:
+def run(batcher: Batcher, lm, prompts: list[list[dict]], method: str, max_batch: int, max_new_tokens: int, scope: str) -> dict:
     batcher.max_batch = max_batch
-    batcher.call(lambda: fresh_start(batcher.target, f"{method}@{max_batch}")).result()
+    batcher.call(lambda: fresh_start(batcher.target, scope)).result()
     rounds = batcher.rounds
     t0 = time.perf_counter()
     futures = [batcher.submit(lambda m=m: new_generation(lm.model, lm.tokenizer, m, method=method, max_new_tokens=max_new_tokens)) for m in prompts]
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     rows: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.repeats):
         for method, b in runs[r % len(runs):] + runs[: r % len(runs)]:
-            out = run(batcher, lm, prompts, method, b, args.max_new_tokens)
+            out = run(batcher, lm, prompts, method, b, args.max_new_tokens, scope=f"{method}@{b}#{r}")
             out["identical"] = sum(x == y for x, y in zip(out.pop("ids"), alone))
             rows.setdefault((method, b), []).append(out)
             print(f"{method:8} batch {b:3}: {out['aggregate_tok_s']:6.1f} tok/s aggregate, {out['per_request_tok_s']:5.1f} per request, "
