@@ -66,7 +66,7 @@ def _batched(lm, prompts, lengths, max_batch, late_from=3, **options):
 
 def _check_alone(lm, prompts, lengths, results, **options):
     """Each batched greedy output equals plain decoding (`ar`) of the request alone, which every
-    method's output alone equals (tests/test_llamacpp.py, test_parity.py); returns the drafted
+    method's output alone equals (test_llamacpp.py; on torch test_budget_hybrid.py, test_parity_ngram.py); returns the drafted
     tokens the batched generations accepted."""
     accepted = 0
     for prompt, n, (ids, stats, _) in zip(prompts, lengths, results):
